@@ -1,0 +1,1 @@
+"""Evaluation protocols, each named after the protocol it reproduces, and report writers."""

@@ -1,0 +1,1 @@
+"""One sub-package per registered nerfstudio method, plus the shared feature-splatting base model."""

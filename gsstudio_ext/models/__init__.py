@@ -1,0 +1,1 @@
+"""Pretrained-model providers: each has a real ("pretrained") backend and a "tiny" random backend for tests."""

@@ -1,0 +1,1 @@
+"""viser controls shared by the methods (query panel, click select, edit panel)."""
