@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-.venv/bin/ruff check .
+.venv/bin/ruff check . && .venv/bin/ruff format --check . >/dev/null
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -296,7 +296,7 @@ def test_datamanager_reports_bad_sidecars_at_startup(dataset: Path):
 
 
 def test_set_train_image_changes_next_train(dataset: Path):
-    dm = manager(dataset, sidecars=())
+    dm = manager(dataset, sidecars=(), cache_images_type="float32")
     target = dm.train_index("frame_0002")
     edited = torch.full((SIZE, SIZE, 3), 0.25)
     dm.set_train_image(target, edited)
@@ -356,5 +356,5 @@ def test_config_defaults():
     from gsstudio_ext.data.datamanager import SidecarDataManager, SidecarDataManagerConfig
 
     config = SidecarDataManagerConfig()
-    assert config._target is SidecarDataManager and config.cache_images == "cpu"
+    assert config._target is SidecarDataManager and config.cache_images == "gpu" and config.cache_images_type == "uint8"
     assert config.dataparser.load_3D_points is True and config.sidecars == () and config.eval_frames == ()

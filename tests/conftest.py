@@ -1,0 +1,61 @@
+"""Suite-wide fixtures: no network (loopback only), offline hubs, and the default synthetic scene made once."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class NetworkBlocked(OSError):
+    """Raised by the socket guard (an OSError, so libraries take their normal offline path)."""
+
+
+def _is_local(address: object) -> bool:
+    if isinstance(address, (str, bytes)):  # unix socket path
+        return True
+    host = address[0] if isinstance(address, tuple) and address else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[List[str]]:
+    """Refuse every non-loopback connection; fail the test if one was attempted (unless marked network_attempt_ok)."""
+    attempts: List[str] = []
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(original):
+        def guarded(self: socket.socket, address: object, *args: object):
+            if _is_local(address):
+                return original(self, address, *args)
+            attempts.append(repr(address))
+            raise NetworkBlocked(f"network access attempted in a test: {address!r}")
+
+        return guarded
+
+    monkeypatch.setattr(socket.socket, "connect", guard(connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(connect_ex))
+    yield attempts
+    if attempts and request.node.get_closest_marker("network_attempt_ok") is None:
+        pytest.fail(f"test tried to reach the network: {attempts}")
+
+
+@pytest.fixture(scope="session")
+def default_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default synthetic scene (gs-synth defaults, seed 0), generated once per session."""
+    from gsstudio_ext.data.synthetic import generate_scene
+    from gsstudio_ext.data.synthetic.config import SynthConfig
+
+    return generate_scene(tmp_path_factory.mktemp("default_scene") / "scene", SynthConfig())
