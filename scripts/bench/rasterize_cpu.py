@@ -1,6 +1,6 @@
 """CPU timing of the pure-torch rasterizer: 3k random Gaussians at 96x96, RGB, forward + backward.
 
-    python scripts/bench/rasterize_cpu.py [--n 3000] [--size 96] [--repeats 5]
+python scripts/bench/rasterize_cpu.py [--n 3000] [--size 96] [--repeats 5]
 """
 
 from __future__ import annotations
