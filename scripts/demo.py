@@ -3,7 +3,7 @@
     .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300]
 
 Writes <out>/scene (the gs-synth dataset), <out>/runs (nerfstudio run: config.yml + checkpoint), <out>/eval.json
-(ns-eval style metrics) and <out>/renders/*.png (ground truth | render | feature PCA for each held-out view).
+(ns-eval style metrics) and <out>/renders/*.png (ground truth | render | depth for each held-out view).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
-from nerfstudio.utils.colormaps import apply_pca_colormap
+from nerfstudio.utils.colormaps import apply_depth_colormap
 from PIL import Image
 
 from gsstudio_ext.data.synthetic import generate_scene
@@ -39,14 +39,15 @@ class DemoArgs:
 
 
 def save_renders(pipeline, folder: Path) -> list[Path]:
-    """Ground truth | render | feature PCA of every held-out view, as PNG."""
+    """Ground truth | render | depth of every held-out view, as PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (camera, batch) in enumerate(pipeline.datamanager.fixed_indices_eval_dataloader):
         outputs = pipeline.model.get_outputs_for_camera(camera)
         gt = batch["image"][..., :3].float().cpu()
         gt = gt / 255.0 if gt.max() > 1.0 else gt
-        panels = [gt, outputs["rgb"].cpu(), apply_pca_colormap(outputs["feature"]).cpu()]
+        depth = apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"])
+        panels = [gt, outputs["rgb"].cpu(), depth.cpu()]
         image = (torch.cat(panels, dim=1).clamp(0, 1).numpy() * 255).astype(np.uint8)
         paths.append(folder / f"eval_{index:02d}.png")
         Image.fromarray(image).save(paths[-1])
@@ -63,9 +64,9 @@ def main(args: DemoArgs) -> None:
     config = prepare_config(config, scene, args.out / "runs", max_steps=args.steps, device=args.device)
     trainer, config_path = train(config)
     pipeline = trainer.pipeline
-    pipeline.eval()
     with torch.no_grad():
         metrics = pipeline.get_average_eval_image_metrics(get_std=True)
+        pipeline.eval()
         renders = save_renders(pipeline, args.out / "renders")
     report = {
         "method_name": config.method_name,

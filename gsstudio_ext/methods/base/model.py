@@ -42,7 +42,8 @@ class FeatureSplatfactoModelConfig(SplatfactoModelConfig):
     _target: Type = field(default_factory=lambda: FeatureSplatfactoModel)
     feature_dims: Dict[str, int] = field(default_factory=dict)
     """Extra per-Gaussian tensors (name -> channels), trained and densified with the Gaussians and rendered with RGB.
-    Keep 3 + sum(channels) (+1 with depth) on gsplat's fast sizes: 16, 17, 32 or 33."""
+    Each name needs an optimizer group of that name (gsstudio-splatfacto has one for "feature"). Keep 3 + sum of
+    channels (+1 with depth) on gsplat's fast sizes: 16, 17, 32 or 33."""
     feature_init_std: float = 0.01
     """Standard deviation of the random initial feature values."""
     rasterizer_backend: Literal["auto", "gsplat", "torch"] = "auto"
@@ -202,7 +203,7 @@ class FeatureSplatfactoModel(SplatfactoModel):
             rasterize_mode=self.config.rasterize_mode,
             backend=self.config.rasterizer_backend,
         )
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             self.strategy.step_pre_backward(
                 self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
-from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
@@ -12,6 +12,7 @@ from nerfstudio.models.base_model import ModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 
 from gsstudio_ext.data.datamanager import SidecarDataManagerConfig
+from gsstudio_ext.methods.base.training import default_device
 
 
 def _adam(lr: float, scheduler: Optional[ExponentialDecaySchedulerConfig] = None) -> Dict[str, Any]:
@@ -48,9 +49,13 @@ def gaussian_trainer_config(
     max_steps: int = 30000,
     extra_lrs: Optional[Mapping[str, float]] = None,
 ) -> TrainerConfig:
-    """A TrainerConfig shaped like nerfstudio's ``splatfacto`` method, on the sidecar-aware data manager."""
+    """A TrainerConfig shaped like nerfstudio's ``splatfacto`` method, on the sidecar-aware data manager.
+
+    The device defaults to CUDA when one is visible and to the CPU otherwise, so ``ns-train`` works on both.
+    """
     return TrainerConfig(
         method_name=method_name,
+        machine=MachineConfig(device_type=default_device()),
         steps_per_eval_image=100,
         steps_per_eval_batch=0,
         steps_per_save=2000,
