@@ -16,5 +16,8 @@ def allow_numpy_scalars_in_checkpoints() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is None:  # torch < 2.4 does not restrict loading
         return
-    core = getattr(np, "_core", None) or np.core
-    add([core.multiarray.scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))])
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        from numpy._core.multiarray import scalar
+    else:
+        from numpy.core.multiarray import scalar
+    add([scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))])

@@ -58,6 +58,8 @@ class FeatureSplatfactoModel(SplatfactoModel):
     """Splatfacto whose ``gauss_params`` also hold ``config.feature_dims`` feature tensors, rendered in one pass."""
 
     config: FeatureSplatfactoModelConfig
+    frozen_params: Tuple[str, ...] = ()
+    """``gauss_params`` entries that are stored and densified but not optimised (integer entries never are)."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -70,13 +72,13 @@ class FeatureSplatfactoModel(SplatfactoModel):
         else:
             points = (torch.rand(self.config.num_random, 3, generator=gen) - 0.5) * self.config.random_scale
             colors = None
-        scene = scene_from_points(
-            points, colors, self.config.sh_degree, sigmoid_colors=self.config.sh_degree == 0, generator=gen
+        params = self.init_gaussian_params(points, colors, gen)
+        self.gauss_params = torch.nn.ParameterDict(
+            {
+                k: Parameter(v.contiguous(), requires_grad=v.is_floating_point() and k not in self.frozen_params)
+                for k, v in params.items()
+            }
         )
-        params = scene.to_splatfacto_params(include_extras=False)
-        for name, dim in self.config.feature_dims.items():
-            params[name] = torch.randn(scene.num_gaussians, dim, generator=gen) * self.config.feature_init_std
-        self.gauss_params = torch.nn.ParameterDict({k: Parameter(v.contiguous()) for k, v in params.items()})
 
         self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
         from torchmetrics.image import PeakSignalNoiseRatio
@@ -104,6 +106,18 @@ class FeatureSplatfactoModel(SplatfactoModel):
         self.strategy = self.make_strategy()
         self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
 
+    def init_gaussian_params(
+        self, points: Tensor, colors: Optional[Tensor], generator: torch.Generator
+    ) -> Dict[str, Tensor]:
+        """Initial ``gauss_params`` from the seed point cloud [N, 3] and its colours (0..255 or None)."""
+        scene = scene_from_points(
+            points, colors, self.config.sh_degree, sigmoid_colors=self.config.sh_degree == 0, generator=generator
+        )
+        params = scene.to_splatfacto_params(include_extras=False)
+        for name, dim in self.config.feature_dims.items():
+            params[name] = torch.randn(scene.num_gaussians, dim, generator=generator) * self.config.feature_init_std
+        return params
+
     def make_strategy(self):
         """gsplat's DefaultStrategy with splatfacto's mapping of config names."""
         from gsplat.strategy import DefaultStrategy
@@ -128,13 +142,27 @@ class FeatureSplatfactoModel(SplatfactoModel):
         )
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
-        """One optimizer group per ``gauss_params`` entry (gsplat's strategy requires a one-to-one match)."""
-        return {name: [param] for name, param in self.gauss_params.items()}
+        """One optimizer group per trainable ``gauss_params`` entry (gsplat's strategy requires a one-to-one match)."""
+        return {name: [param] for name, param in self.gauss_params.items() if param.requires_grad}
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        """Resize every ``gauss_params`` entry to its own checkpoint shape (splatfacto assumes one shared count)."""
+        self.step = 30000
+        prefix = "gauss_params."
+        for name, param in self.gauss_params.items():
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                self.gauss_params[name] = Parameter(
+                    torch.zeros(saved.shape, dtype=saved.dtype, device=self.device), requires_grad=param.requires_grad
+                )
+        return torch.nn.Module.load_state_dict(self, state_dict, **kwargs)
 
     # ------------------------------------------------------------------ rendering
 
-    def feature_channels(self, crop_ids: Optional[Tensor]) -> "OrderedDict[str, Tensor]":
-        """Per-Gaussian channels [N, D] rendered next to RGB this pass, by output name (override to add more)."""
+    def feature_channels(self, crop_ids: Optional[Tensor], viewmat: Tensor) -> "OrderedDict[str, Tensor]":
+        """Per-Gaussian channels [N, D] rendered next to RGB this pass, by output name (override to add more).
+
+        ``viewmat`` [1, 4, 4] is the view's world-to-camera matrix, for view-dependent channels."""
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         for name in self.config.feature_dims:
             value = self.gauss_params[name]
@@ -172,7 +200,7 @@ class FeatureSplatfactoModel(SplatfactoModel):
 
         sh = torch.cat((pick(self.features_dc)[:, None, :], pick(self.features_rest)), dim=1)
         degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
-        features = self.feature_channels(crop_ids)
+        features = self.feature_channels(crop_ids, viewmat)
         if self.config.sh_degree == 0:
             colors, sh_degree = torch.sigmoid(sh[:, 0, :]), None
         elif features:
