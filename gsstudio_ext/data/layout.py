@@ -17,6 +17,8 @@ optional sidecar files keyed by image stem, all under ``<dataset>/sidecars/``:
 ``sidecars/expressions.json``
     ``[{"id", "text", "object_ids": [...], "kind", "frames": [stems]}]``: referring expressions and the frames in
     which their targets are visible. ``kind`` is one of name, colour, size, left_right, front_behind, paraphrase.
+``sidecars/preprocess.json``
+    gs-preprocess's cache manifest; ``"instance_ids": "masks"`` marks instance ids as per-image mask numbers.
 ``sidecars/embeddings/<stem>.npz``
     ``ids`` int32 [K] mask ids matching ``instances``, ``features`` float16/float32 [K, D], ``provider`` str.
 """
@@ -32,6 +34,7 @@ INSTANCES_DIR = "instances"
 SEMANTICS_DIR = "semantics"
 PARTS_DIR = "parts"
 EMBEDDINGS_DIR = "embeddings"
+PREPROCESS_MANIFEST = "preprocess.json"
 FORMAT_VERSION = 1
 
 

@@ -4,10 +4,16 @@
 mismatch with its image, unknown object / class / part id, malformed JSON or npz, expressions pointing at unknown
 frames or objects) into a single :class:`~gsstudio_ext.data.sidecars.SidecarError`, so a bad view is reported, never
 silently dropped. Formats are defined in :mod:`gsstudio_ext.data.layout`.
+
+Instance ids are scene.json object ids (ground truth, e.g. gs-synth) unless the preprocessing manifest
+``sidecars/preprocess.json`` says ``"instance_ids": "masks"``: then they are per-image mask numbers 1..K (masks from a
+generator such as SAM, written by ``gs-preprocess``), which are not checked against scene.json objects, and scene.json
+is only required for the kinds that need it (semantics, parts, expressions).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -31,6 +37,11 @@ PER_IMAGE_KINDS: Tuple[str, ...] = ("instances", "semantics", "parts", "embeddin
 """Kinds stored as one file per image stem."""
 EXPRESSION_KINDS = frozenset({"name", "colour", "size", "left_right", "front_behind", "paraphrase"})
 MAX_LISTED_PROBLEMS = 200
+"""The preprocessing manifest in ``sidecars/`` (written by gs-preprocess, :mod:`gsstudio_ext.data.preprocess`)."""
+INSTANCE_ID_KINDS: Tuple[str, ...] = ("objects", "masks")
+"""Values of the manifest's ``"instance_ids"``: scene.json object ids, or per-image mask numbers 1..K."""
+MASK_NUMBER_FIX = f'record "instance_ids": "masks" in sidecars/{layout.PREPROCESS_MANIFEST} (gs-preprocess does)'
+"""How to declare per-image mask-number ids; appended to the findings that such ids would avoid."""
 
 FIX_HINT = (
     "Fix: regenerate the sidecars (synthetic scenes: re-run `gs-synth` on this folder; real scenes: re-run the "
@@ -87,6 +98,8 @@ class SidecarIndex:
     """stem -> positions in ``expressions`` of the expressions listing that frame."""
     embedding_dim: Optional[int] = None
     """Feature size D of the embeddings (None unless "embeddings" was requested)."""
+    instance_ids: str = "objects"
+    """What instance / embedding ids are: "objects" (scene.json object ids) or "masks" (per-image mask numbers)."""
 
     def path(self, kind: str, stem: str) -> Path:
         """Path of the per-image sidecar ``kind`` of image ``stem``."""
@@ -154,12 +167,30 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_scene(root: Path, required: bool, problems: _Problems) -> Optional[Dict[str, Any]]:
+def _instance_id_kind(root: Path, problems: _Problems) -> str:
+    """What instance ids are, from the preprocessing manifest: "objects" (default, no manifest) or "masks"."""
+    path = layout.sidecar_root(root) / layout.PREPROCESS_MANIFEST
+    if not path.exists():
+        return "objects"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.add(path, f"malformed JSON ({err}); it says whether instance ids are object ids or mask numbers")
+        return "objects"
+    kind = manifest.get("instance_ids", "objects") if isinstance(manifest, dict) else None
+    if kind not in INSTANCE_ID_KINDS:
+        got = repr(kind) if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        problems.add(path, f"'instance_ids' must be one of {list(INSTANCE_ID_KINDS)}, got {got}")
+        return "objects"
+    return kind
+
+
+def _check_scene(root: Path, required: bool, problems: _Problems, hint: str = "") -> Optional[Dict[str, Any]]:
     """Validate scene.json; returns it, {} when absent and not required, or None when unusable."""
     path = layout.sidecar_root(root) / layout.SCENE_FILE
     if not path.exists():
         if required:
-            problems.add(path, "missing file (scene meta: objects, classes, parts)")
+            problems.add(path, "missing file (scene meta: objects, classes, parts)" + hint)
             return None
         return {}
     try:
@@ -289,7 +320,8 @@ def validate_dataset(
         image_filenames: every image of every split that will be used; sidecars are keyed by ``Path(f).stem``.
         image_sizes: (H, W) of each image as it will be loaded (after any downscale).
         require: sidecar kinds to check, from :data:`SIDECAR_KINDS`. ``scene.json`` is required when any is given
-            and always validated when present.
+            (except only instances / embeddings with mask-number ids, see the module doc) and always validated when
+            present.
 
     Returns:
         A :class:`SidecarIndex`.
@@ -313,8 +345,16 @@ def validate_dataset(
             problems.add(filename, f"same stem '{stem}' as {first[stem]}; sidecars are keyed by stem, rename one")
         first.setdefault(stem, Path(filename))
 
-    scene = _check_scene(root, required=bool(kinds), problems=problems)
+    id_kind = _instance_id_kind(root, problems) if {"instances", "embeddings"} & set(kinds) else "objects"
+    mask_numbers = id_kind == "masks"
+    per_mask_only = set(kinds) <= {"instances", "embeddings"}
+    scene_free = per_mask_only and (mask_numbers or not kinds)  # semantics, parts, expressions need scene.json
+    hint = "" if scene_free or not per_mask_only else f"; not needed for per-image mask numbers: {MASK_NUMBER_FIX}"
+    scene = _check_scene(root, required=not scene_free, problems=problems, hint=hint)
     objects = None if scene is None else {int(o["id"]) for o in scene.get("objects", [])}
+    # ids that instances / embeddings must come from: scene objects, or (mask numbers) anything >= 1
+    id_check = None if mask_numbers else objects
+    mask_hint = f"if they are per-image mask numbers (e.g. SAM masks), {MASK_NUMBER_FIX}"
     classes = None if scene is None else set(range(len(scene.get("classes", []))))
     part_ids = None if scene is None else {0} | {int(p["id"]) for p in scene.get("parts", [])}
     if scene is not None and "semantics" in kinds and not classes:
@@ -340,12 +380,15 @@ def validate_dataset(
                         f"size mismatch: masks are {masks.shape[1]}x{masks.shape[2]} (HxW), image is "
                         f"{image_hw[0]}x{image_hw[1]}",
                     )
+                what = "mask" if mask_numbers else "object"
                 if len(set(ids.tolist())) != len(ids):
-                    problems.add(path, f"duplicate object ids {ids.tolist()}")
-                if objects is not None:
-                    unknown = [i for i in ids.tolist() if i not in objects]
+                    problems.add(path, f"duplicate {what} ids {ids.tolist()}")
+                if mask_numbers and any(i < 1 for i in ids.tolist()):
+                    problems.add(path, f"mask ids must be >= 1 (0 is background); got {ids.tolist()}")
+                if id_check is not None:
+                    unknown = [i for i in ids.tolist() if i not in id_check]
                     if unknown:
-                        problems.add(path, f"unknown object id(s) {unknown} (not in scene.json objects)")
+                        problems.add(path, f"unknown object id(s) {unknown} (not in scene.json objects); {mask_hint}")
         for kind, reader, what, valid in (
             ("semantics", read_semantics, "class index", classes),
             ("parts", read_parts, "part id", part_ids),
@@ -368,8 +411,11 @@ def validate_dataset(
                 problems.add(path, f"features must be finite floats (dtype {features.dtype})")
             if instance_ids is not None and sorted(ids.tolist()) != sorted(instance_ids.tolist()):
                 problems.add(path, f"mask ids {ids.tolist()} differ from instances {instance_ids.tolist()}")
-            elif objects is not None and any(i not in objects for i in ids.tolist()):
-                problems.add(path, f"unknown object id(s) {[i for i in ids.tolist() if i not in objects]}")
+            elif id_check is not None and any(i not in id_check for i in ids.tolist()):
+                unknown = [i for i in ids.tolist() if i not in id_check]
+                problems.add(path, f"unknown object id(s) {unknown} (not in scene.json objects); {mask_hint}")
+            elif mask_numbers and instance_ids is None and any(i < 1 for i in ids.tolist()):
+                problems.add(path, f"mask ids must be >= 1 (0 is background); got {ids.tolist()}")
             if embedding_dim is None:
                 embedding_dim, first_dim_path = int(features.shape[1]), path
             elif features.shape[1] != embedding_dim:
@@ -388,4 +434,5 @@ def validate_dataset(
         expressions=expressions,
         frame_expressions=per_frame,
         embedding_dim=embedding_dim,
+        instance_ids=id_kind,
     )

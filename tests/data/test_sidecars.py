@@ -232,6 +232,119 @@ def test_only_requested_kinds_are_checked(dataset: Path):
         validate(dataset, require=("depth",))
 
 
+# ----- mask-number instance ids (SAM masks from gs-preprocess) ------------------------------------------------
+
+
+def make_sam_style(root: Path, manifest: bool = True, scene: bool = False) -> Path:
+    """Turn the dataset into what `gs-preprocess --masks sam` leaves: per-image mask numbers 1..3, embeddings with the
+    same ids, no scene.json / expressions, and (optionally) a manifest saying the ids are mask numbers."""
+    side = layout.sidecar_root(root)
+    for name in (layout.SCENE_FILE, layout.EXPRESSIONS_FILE):
+        (side / name).unlink(missing_ok=True)
+    for i in range(N_FRAMES):
+        masks = np.zeros((3, SIZE, SIZE), dtype=bool)
+        masks[0, :8], masks[1, :, :8], masks[2, 4 + i : 12, 4:12] = True, True, True  # overlapping
+        sidecars.write_instances(root, stem(i), np.arange(1, 4), masks)
+        features = np.random.default_rng(i).normal(size=(3, DIM)).astype(np.float16)
+        sidecars.write_embeddings(root, stem(i), np.array([3, 1, 2]), features, provider="clip:tiny")
+    if manifest:
+        (side / "preprocess.json").write_text(json.dumps({"version": 1, "instance_ids": "masks", "images": {}}))
+    if scene:
+        sidecars.write_scene_meta(root, SCENE)  # objects 1, 2: mask number 3 is no object
+    return root
+
+
+SAM_KINDS = ("instances", "embeddings")
+
+
+def test_mask_number_ids_need_no_scene_json(dataset: Path):
+    make_sam_style(dataset)
+    index = validate(dataset, require=SAM_KINDS)
+    assert index.instance_ids == "masks" and index.scene == {} and index.object_ids == []
+    assert index.embedding_dim == DIM
+    make_sam_style(dataset, scene=True)  # a scene.json, when there is one, is not matched against mask numbers
+    assert validate(dataset, require=SAM_KINDS).object_ids == [1, 2]
+    # ground-truth datasets keep the default, checked against scene objects
+    assert validate(make_dataset(dataset.parent / "gt"), require=SAM_KINDS).instance_ids == "objects"
+
+
+def test_mask_number_ids_load_through_datamanager(dataset: Path):
+    make_sam_style(dataset)
+    dm = manager(dataset, sidecars=SAM_KINDS)
+    assert dm.sidecar_index.instance_ids == "masks" and dm.train_dataset.metadata["scene"] == {}
+    camera, data = dm.next_train(0)
+    i = int(dm.train_stems[camera.metadata["cam_idx"]][-4:])
+    _, masks = sidecars.read_instances(layout.instance_path(dataset, stem(i)))
+    assert data["instance_ids"].tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(data["instance_masks"].numpy(), masks)
+    assert data["embedding_ids"].tolist() == [1, 2, 3]  # written as [3, 1, 2], delivered aligned with the masks
+    _, features, _ = sidecars.read_embeddings(layout.embedding_path(dataset, stem(i)))
+    np.testing.assert_allclose(data["embeddings"].numpy(), features[[1, 2, 0]].astype(np.float32))
+    _, data = dm.next_eval_image(0)
+    assert data["instance_ids"].tolist() == [1, 2, 3]
+
+
+def test_mask_number_ids_without_manifest_fail(dataset: Path):
+    make_sam_style(dataset, manifest=False)
+    scene_path = layout.sidecar_root(dataset) / layout.SCENE_FILE
+    err = expect_problem(dataset, scene_path, "missing file (scene meta", '"instance_ids": "masks"', require=SAM_KINDS)
+    assert len(err.problems) == 1
+    make_sam_style(dataset, manifest=False, scene=True)
+    with pytest.raises(SidecarError) as info:
+        validate(dataset, require=SAM_KINDS)
+    reasons = dict(info.value.problems)
+    for i in range(N_FRAMES):
+        for path in (layout.instance_path(dataset, stem(i)), layout.embedding_path(dataset, stem(i))):
+            assert reasons[str(path)].startswith("unknown object id(s) [3] (not in scene.json objects)")
+    assert '"instance_ids": "masks"' in reasons[str(layout.instance_path(dataset, stem(0)))]
+    (layout.sidecar_root(dataset) / "preprocess.json").write_text(json.dumps({"instance_ids": "objects"}))
+    with pytest.raises(SidecarError, match=r"unknown object id\(s\) \[3\]"):  # an "objects" manifest: as with none
+        validate(dataset, require=SAM_KINDS)
+
+
+def test_mask_number_ids_still_check_everything_else(dataset: Path):
+    make_sam_style(dataset)
+    missing = layout.embedding_path(dataset, stem(0))
+    missing.unlink()
+    sidecars.write_instances(dataset, stem(1), np.arange(1, 4), np.ones((3, 12, SIZE), dtype=bool))
+    sidecars.write_embeddings(dataset, stem(2), np.array([1, 2]), np.zeros((2, DIM), np.float32), provider="x")
+    sidecars.write_embeddings(dataset, stem(3), np.arange(1, 4), np.zeros((3, DIM + 1), np.float32), provider="x")
+    with pytest.raises(SidecarError) as info:
+        validate(dataset, require=SAM_KINDS)
+    reasons = dict(info.value.problems)
+    assert len(reasons) == 4 and "Fix:" in str(info.value)
+    assert reasons[str(missing)] == "missing file"
+    assert "size mismatch" in reasons[str(layout.instance_path(dataset, stem(1)))]
+    assert "differ from instances" in reasons[str(layout.embedding_path(dataset, stem(2)))]
+    assert f"feature size {DIM + 1} differs" in reasons[str(layout.embedding_path(dataset, stem(3)))]
+    # duplicate and background ids are still wrong for mask numbers
+    make_sam_style(dataset)
+    sidecars.write_instances(dataset, stem(1), np.array([0, 2, 2]), np.ones((3, SIZE, SIZE), dtype=bool))
+    with pytest.raises(SidecarError) as info:
+        validate(dataset, require=("instances",))
+    path = str(layout.instance_path(dataset, stem(1)))
+    assert [(p, r.split(" [")[0].split(";")[0]) for p, r in info.value.problems] == [
+        (path, "duplicate mask ids"),
+        (path, "mask ids must be >= 1 (0 is background)"),
+    ]
+
+
+def test_mask_number_ids_other_kinds_still_need_scene_json(dataset: Path):
+    make_sam_style(dataset)
+    scene_path = layout.sidecar_root(dataset) / layout.SCENE_FILE
+    err = expect_problem(dataset, scene_path, "missing file (scene meta", require=("instances", "semantics"))
+    assert "instance_ids" not in str(err)  # no hint: semantics need scene.json whatever the ids are
+
+
+@pytest.mark.parametrize("text, words", [("{oops", "malformed JSON"), ('{"instance_ids": "sam"}', "must be one of")])
+def test_bad_manifest_is_reported(dataset: Path, text: str, words: str):
+    make_sam_style(dataset, scene=True)
+    path = layout.sidecar_root(dataset) / "preprocess.json"
+    path.write_text(text)
+    expect_problem(dataset, path, words, require=SAM_KINDS)
+    assert validate(dataset, require=("parts",)).kinds == ("parts",)  # only read when instance ids matter
+
+
 def test_size_compatible_rule():
     assert size_compatible((16, 16), (16, 16)) and size_compatible((16, 16), (8, 8))
     assert size_compatible((15, 21), (7, 10))  # odd sizes halved with rounding

@@ -1,0 +1,63 @@
+"""ag2aussian-ext trained by nerfstudio's Trainer on the default synthetic scene (CPU, compressed schedule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
+from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
+from gsstudio_ext.methods.base.training import load_run, prepare_config, train
+
+STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def trained(default_scene: Path, tmp_path_factory: pytest.TempPathFactory):
+    model = AG2ModelConfig(**SHORT_SCHEDULE, densify_until=STEPS - 50)
+    config = ag2_trainer_config(model, max_steps=STEPS)
+    config = prepare_config(config, default_scene, tmp_path_factory.mktemp("ag2"), max_steps=STEPS, device="cpu")
+    return train(config)
+
+
+@pytest.mark.slow
+def test_reconstructs_held_out_views(trained):
+    trainer, _ = trained
+    metrics = trainer.pipeline.get_average_eval_image_metrics()
+    assert metrics["psnr"] >= 24.0, metrics
+
+
+@pytest.mark.slow
+def test_instance_features_separate_the_objects(trained):
+    """On held-out views each object's pixels are closest to their own object's mean feature (>= 90%), and object
+    means lie far apart on the unit sphere."""
+    trainer, _ = trained
+    pipeline = trainer.pipeline
+    pipeline.eval()
+    correct = total = 0
+    for camera, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
+        features = pipeline.model.get_outputs_for_camera(camera)["instance"]
+        masks = [m for m in batch["instance_masks"] if m.sum() >= 20]
+        means = torch.stack([features[m].mean(dim=0) for m in masks])
+        for index, mask in enumerate(masks):
+            correct += int((torch.cdist(features[mask], means).argmin(dim=1) == index).sum())
+            total += int(mask.sum())
+        apart = torch.cdist(means, means) + torch.eye(len(masks)) * 10
+        assert apart.min() > 0.5, apart.min()
+    assert correct / total >= 0.9, correct / total
+
+
+@pytest.mark.slow
+def test_anchor_layout_reloads_from_the_checkpoint(trained):
+    trainer, config_path = trained
+    model = trainer.pipeline.model
+    _, reloaded = load_run(config_path)
+    assert reloaded.model.num_anchors == model.num_anchors and reloaded.model.num_points == model.num_points
+    camera, _ = trainer.pipeline.datamanager.fixed_indices_eval_dataloader[0]
+    trainer.pipeline.eval()
+    before = model.get_outputs_for_camera(camera)
+    after = reloaded.model.get_outputs_for_camera(camera)
+    for key in ("rgb", "instance", "accumulation"):
+        assert torch.equal(before[key], after[key]), key
