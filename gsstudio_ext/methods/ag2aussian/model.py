@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gsstudio_ext.core.graph import graph_laplacian_loss
 from gsstudio_ext.methods.ag2aussian import losses
 from gsstudio_ext.methods.ag2aussian.anchors import child_positions, init_anchor_params, scene_radius
+from gsstudio_ext.methods.ag2aussian.index import AnchorIndex, GraphSettings, build_graph, build_index
 from gsstudio_ext.methods.ag2aussian.strategy import AnchorStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig
 
@@ -86,6 +88,8 @@ class AG2ModelConfig(FeatureSplatfactoModelConfig):
     """Screen-gradient threshold for anchor growth (doubled per level)."""
     sh_degree_interval: int = 1000
     """Every this many steps one more SH degree is used."""
+    graph_settings: GraphSettings = field(default_factory=GraphSettings)
+    """Anchor-graph, super-anchor and selection-growth thresholds."""
 
 
 class AG2Model(FeatureSplatfactoModel):
@@ -115,6 +119,11 @@ class AG2Model(FeatureSplatfactoModel):
             offset_std=cfg.child_offset_init_std,
         )  # fmt: skip
 
+    _train_edges: Optional[Tensor] = None
+    _index: Optional[AnchorIndex] = None
+    selection: Optional[Tensor] = None
+    """Selected children [N] bool (from a click or text query); rendered as the "selection" output."""
+
     @property
     def means(self) -> Tensor:
         """Child positions (anchors are fixed; children move through their offsets)."""
@@ -128,6 +137,32 @@ class AG2Model(FeatureSplatfactoModel):
     def num_anchors(self) -> int:
         return self.gauss_params["anchor_xyz"].shape[0]
 
+    def train_edges(self) -> Tensor:
+        """The training-scale anchor graph, rebuilt when the anchors changed."""
+        A = self.num_anchors
+        if self._train_edges is None or (self._train_edges.numel() and int(self._train_edges.max()) >= A):
+            self._train_edges = build_graph(
+                self.gauss_params["anchor_xyz"].detach(), self.voxel_size, self.config.graph_scale,
+                self.config.graph_settings,
+            )  # fmt: skip
+        return self._train_edges
+
+    def build_index(self) -> AnchorIndex:
+        """Cluster the anchors into super-anchors (after training)."""
+        self._index = build_index(
+            self.gauss_params["anchor_xyz"].detach(), self.gauss_params["anchor_feat"].detach(), self.voxel_size,
+            self.config.graph_settings,
+        )  # fmt: skip
+        return self._index
+
+    @property
+    def anchor_index(self) -> AnchorIndex:
+        """Super-anchors of the current anchors (built on first use)."""
+        if self._index is None or self._index.labels.shape[0] != self.num_anchors:
+            self.build_index()
+        assert self._index is not None
+        return self._index
+
     def instance_features(self) -> Tensor:
         """Unit-norm instance feature of every child [N, D] (its anchor's)."""
         return F.normalize(self.gauss_params["anchor_feat"], dim=-1)[self.gauss_params["point2anchor"]]
@@ -137,6 +172,8 @@ class AG2Model(FeatureSplatfactoModel):
     def feature_channels(self, crop_ids: Optional[Tensor], viewmat: Tensor) -> "OrderedDict[str, Tensor]":
         pick = (lambda t: t) if crop_ids is None else (lambda t: t[crop_ids])
         out: "OrderedDict[str, Tensor]" = OrderedDict(instance=pick(self.instance_features()))
+        if not self.training and self.selection is not None and self.selection.shape[0] == self.num_points:
+            out["selection"] = pick(self.selection.to(self.device).float()[:, None])
         if self.training and self.step >= self.config.distortion_from:
             z = (pick(self.means) @ viewmat[0, :3, :3].T + viewmat[0, :3, 3])[:, 2]
             m = losses.ndc_depth(z, self.config.distortion_near, self.config.distortion_far)
@@ -164,6 +201,12 @@ class AG2Model(FeatureSplatfactoModel):
         loss_dict["child_reg"] = cfg.child_reg_weight * losses.child_in_anchor_loss(
             params["offsets"][visible], torch.exp(params["scales"][visible]), params["anchor_radius"][p2a[visible]]
         )
+        if self.step >= cfg.graph_from:
+            anchor_visible = torch.zeros(self.num_anchors, dtype=torch.bool, device=p2a.device)
+            anchor_visible[p2a[visible]] = True
+            loss_dict["graph"] = cfg.graph_weight * graph_laplacian_loss(
+                F.normalize(params["anchor_feat"], dim=-1), self.train_edges(), cfg.graph_tau, anchor_visible
+            )
         alpha = outputs["accumulation"]
         if self.step >= cfg.alpha_from:
             loss_dict["alpha"] = cfg.alpha_weight * (1.0 - alpha).mean()
