@@ -24,9 +24,7 @@ def _check_inputs(means: Tensor, viewmat: Tensor, K: Tensor, width: int, height:
     if K.shape != (1, 3, 3):
         raise ValueError(f"mask_contributions: K must be [1, 3, 3] (one camera), got {tuple(K.shape)}")
     if masks.dim() != 3 or masks.shape[1:] != (height, width):
-        raise ValueError(
-            f"mask_contributions: masks must be [M, H={height}, W={width}], got {tuple(masks.shape)}"
-        )
+        raise ValueError(f"mask_contributions: masks must be [M, H={height}, W={width}], got {tuple(masks.shape)}")
     if masks.device != means.device:
         raise ValueError(f"mask_contributions: masks are on {masks.device} but means on {means.device}")
 
@@ -41,11 +39,13 @@ def _contrib_chunk(
     rasterize_kwargs: dict[str, Any],
 ) -> Tensor:
     """One rasterization with weights.shape[0] channels -> [N, channels] sums of w_i(p) * weights[c, p]."""
-    means, quats, scales, opacities = geom
     n_ch = weights.shape[0]
     kwargs = dict(rasterize_kwargs)
     kwargs.setdefault("channel_chunk", max(32, n_ch))  # gsplat: composite every channel in one pass
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        # tensors made under the caller's inference_mode cannot enter autograd: normal copies of them
+        means, quats, scales, opacities = (t.clone() if t.is_inference() else t for t in geom)
+        viewmat, K, weights = (t.clone() if t.is_inference() else t for t in (viewmat, K, weights))
         colors = torch.ones(means.shape[0], n_ch, dtype=means.dtype, device=means.device, requires_grad=True)
         render, _, _ = rasterize(means, quats, scales, opacities, colors, viewmat, K, width, height, **kwargs)
         loss = (render[0] * weights.permute(1, 2, 0)).sum()  # render [H, W, ch], weights [ch, H, W]

@@ -120,6 +120,9 @@ def test_no_gradients_to_geometry_and_caller_state_untouched() -> None:
     out2 = mask_contributions(*leaves, viewmat, K, W, H, _masks(2), backend="torch")
     assert not out2.requires_grad and all(t.grad is None for t in leaves)
     torch.testing.assert_close(out, out2)
+    with torch.inference_mode():  # a viewer/query path may call it under inference_mode
+        out3 = mask_contributions(means, quats, scales, opac, viewmat, K, W, H, _masks(2), backend="torch")
+    torch.testing.assert_close(out3, out)
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
