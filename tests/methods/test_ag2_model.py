@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,18 @@ STEPS = 200
 
 @pytest.fixture(scope="module")
 def trained(default_scene: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The default scene with label embeddings (GT masks + object names through MiniLM), trained 200 steps."""
+    from gsstudio_ext.data.embedding_sources import LabelEmbeddingConfig
+    from gsstudio_ext.data.mask_sources import SidecarMaskSourceConfig
+    from gsstudio_ext.data.preprocess import preprocess_dataset
+
+    scene = tmp_path_factory.mktemp("ag2_scene") / "scene"
+    shutil.copytree(default_scene, scene)
+    preprocess_dataset(scene, SidecarMaskSourceConfig(), LabelEmbeddingConfig(), progress=False)
     model = AG2ModelConfig(**SHORT_SCHEDULE, densify_until=STEPS - 50)
     config = ag2_trainer_config(model, max_steps=STEPS)
-    config = prepare_config(config, default_scene, tmp_path_factory.mktemp("ag2"), max_steps=STEPS, device="cpu")
+    config.pipeline.datamanager.sidecars = ("instances", "embeddings")
+    config = prepare_config(config, scene, tmp_path_factory.mktemp("ag2"), max_steps=STEPS, device="cpu")
     return train(config)
 
 
@@ -97,3 +107,40 @@ def test_click_on_each_object_selects_it(trained):
         ious[object_id] = mask_iou(rendered.cpu().numpy(), mask.cpu().numpy())
     model.selection = None
     assert len(ious) >= 5 and min(ious.values()) >= 0.8, ious
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known open problem (issue 3): on the 200-step schedule super-anchor clustering returns ~6 spatially "
+    "mixed groups, so only one group matches a mask in association; text queries fail until clustering is fixed",
+)
+def test_text_query_by_object_name_selects_that_object(trained):
+    """Label embeddings are attached to super-anchors in one render per view; each object's name selects it."""
+    from gsstudio_ext.core.metrics import mask_iou
+    from gsstudio_ext.data.embedding_sources import text_query_encoder
+    from gsstudio_ext.methods.ag2aussian.language import associate_language, select_by_text
+
+    trainer, _ = trained
+    pipeline = trainer.pipeline
+    model = pipeline.model
+    language = associate_language(model, pipeline.datamanager)
+    assert language.provider == "label:minilm"
+    encode = text_query_encoder(language.provider)
+    names = {obj["id"]: obj["name"] for obj in pipeline.datamanager.train_dataset.metadata["scene"]["objects"]}
+    camera, batch = pipeline.datamanager.fixed_indices_eval_dataloader[0]
+    ious = {}
+    for object_id, mask in zip(batch["instance_ids"].tolist(), batch["instance_masks"]):
+        if mask.sum() < 20:
+            continue
+        model.selection = select_by_text(model, language, encode, names[object_id])
+        model.eval()
+        rendered = model.get_outputs_for_camera(camera)["selection"][..., 0] > 0.5
+        ious[names[object_id]] = mask_iou(rendered.cpu().numpy(), mask.cpu().numpy())
+    good = sum(iou >= 0.7 for iou in ious.values())
+    assert len(ious) >= 5 and good >= 0.9 * len(ious), ious
+    unrelated = select_by_text(model, language, encode, "a violin concerto in a snowy forest")
+    assert not unrelated.any()
+    with pytest.raises(ValueError, match="empty text query"):
+        select_by_text(model, language, encode, "  ")
+    model.selection = None

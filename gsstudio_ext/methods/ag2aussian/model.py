@@ -137,12 +137,18 @@ class AG2Model(FeatureSplatfactoModel):
     def num_anchors(self) -> int:
         return self.gauss_params["anchor_xyz"].shape[0]
 
+    @property
+    def graph_voxel(self) -> float:
+        """Voxel unit of the graph radii (16 units x scale): the paper's s_v = 0.01 R / 16, raised so that the
+        training-scale graph still links neighbouring anchors when anchors are coarser than the paper's."""
+        return max(self.scene_extent * 0.01, 2 * self.voxel_size) / 16
+
     def train_edges(self) -> Tensor:
         """The training-scale anchor graph, rebuilt when the anchors changed."""
         A = self.num_anchors
         if self._train_edges is None or (self._train_edges.numel() and int(self._train_edges.max()) >= A):
             self._train_edges = build_graph(
-                self.gauss_params["anchor_xyz"].detach(), self.voxel_size, self.config.graph_scale,
+                self.gauss_params["anchor_xyz"].detach(), self.graph_voxel, self.config.graph_scale,
                 self.config.graph_settings,
             )  # fmt: skip
         return self._train_edges
@@ -150,7 +156,7 @@ class AG2Model(FeatureSplatfactoModel):
     def build_index(self) -> AnchorIndex:
         """Cluster the anchors into super-anchors (after training)."""
         self._index = build_index(
-            self.gauss_params["anchor_xyz"].detach(), self.gauss_params["anchor_feat"].detach(), self.voxel_size,
+            self.gauss_params["anchor_xyz"].detach(), self.gauss_params["anchor_feat"].detach(), self.graph_voxel,
             self.config.graph_settings,
         )  # fmt: skip
         return self._index
