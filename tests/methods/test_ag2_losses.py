@@ -83,3 +83,23 @@ def test_feature_map_is_divided_by_alpha_and_zeroed_where_transparent():
     alpha = torch.tensor([[[0.5]], [[0.05]]])
     out = losses.normalized_feature_map(features, alpha, alpha_min=0.1)
     assert torch.equal(out, torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]]))
+
+
+def test_model_adds_every_scheduled_loss_once_its_stage_starts(default_scene):
+    """Past every start step, one training step yields finite mask, distortion, alpha, child and graph losses."""
+    from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
+    from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
+
+    config = ag2_trainer_config(AG2ModelConfig(**{**SHORT_SCHEDULE, "graph_from": 0}), max_steps=10)
+    config.pipeline.datamanager.data = default_scene
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    model = pipeline.model
+    model.step = 1000
+    model.optimizers = {}
+    camera, batch = pipeline.datamanager.next_train(0)
+    outputs = model.get_outputs(camera)
+    loss_dict = model.get_loss_dict(outputs, batch)
+    assert {"main_loss", "mask", "distortion", "alpha", "child_reg", "graph"} <= set(loss_dict)
+    assert all(torch.isfinite(v) for v in loss_dict.values())
+    sum(loss_dict.values()).backward()
+    assert model.gauss_params["anchor_feat"].grad.abs().sum() > 0

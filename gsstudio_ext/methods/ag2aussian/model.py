@@ -120,6 +120,7 @@ class AG2Model(FeatureSplatfactoModel):
         )  # fmt: skip
 
     _train_edges: Optional[Tensor] = None
+    _train_edges_count: int = -1
     _index: Optional[AnchorIndex] = None
     selection: Optional[Tensor] = None
     """Selected children [N] bool (from a click or text query); rendered as the "selection" output."""
@@ -144,9 +145,10 @@ class AG2Model(FeatureSplatfactoModel):
         return max(self.scene_extent * 0.01, 2 * self.voxel_size) / 16
 
     def train_edges(self) -> Tensor:
-        """The training-scale anchor graph, rebuilt when the anchors changed."""
-        A = self.num_anchors
-        if self._train_edges is None or (self._train_edges.numel() and int(self._train_edges.max()) >= A):
+        """The training-scale anchor graph, rebuilt when the anchor count changed (the graph stage starts after
+        densification has stopped, so anchors no longer change then)."""
+        if self._train_edges is None or self._train_edges_count != self.num_anchors:
+            self._train_edges_count = self.num_anchors
             self._train_edges = build_graph(
                 self.gauss_params["anchor_xyz"].detach(), self.graph_voxel, self.config.graph_scale,
                 self.config.graph_settings,
