@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from gsstudio_ext.data.datamanager import SidecarDataManagerConfig
 from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
-from gsstudio_ext.methods.base.trainer_config import gaussian_trainer_config
+from gsstudio_ext.methods.base.trainer_config import adam_group, gaussian_trainer_config
 
 MAX_STEPS = 35000
 
@@ -35,18 +34,15 @@ def ag2_optimizers(max_steps: int = MAX_STEPS) -> dict:
     """Children: offsets 1e-3 -> 1e-4 (exponential decay), SH DC 2.5e-3, rest 1.25e-4, opacity 0.05, scale 5e-3,
     rotation 1e-3; anchors: instance feature 0.05. Anchor positions and radii are fixed (not optimised)."""
 
-    def adam(lr: float, scheduler=None) -> dict:
-        return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": scheduler}
-
     return {
-        "offsets": adam(1e-3, ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps)),
-        "features_dc": adam(2.5e-3),
-        "features_rest": adam(1.25e-4),
-        "opacities": adam(0.05),
-        "scales": adam(5e-3),
-        "quats": adam(1e-3),
-        "anchor_feat": adam(0.05),
-        "camera_opt": adam(1e-4, ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps)),
+        "offsets": adam_group(1e-3, ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps)),
+        "features_dc": adam_group(2.5e-3),
+        "features_rest": adam_group(1.25e-4),
+        "opacities": adam_group(0.05),
+        "scales": adam_group(5e-3),
+        "quats": adam_group(1e-3),
+        "anchor_feat": adam_group(0.05),
+        "camera_opt": adam_group(1e-4, ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps)),
     }
 
 

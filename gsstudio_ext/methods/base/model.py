@@ -64,8 +64,8 @@ class FeatureSplatfactoModel(SplatfactoModel):
     # ------------------------------------------------------------------ set-up
 
     def populate_modules(self) -> None:
-        # Re-implemented rather than inherited: splatfacto's version calls .cuda() on the seed colours and builds an
-        # LPIPS metric whose construction downloads weights.
+        # Re-implemented rather than inherited: splatfacto's version moves the seed colours to a hard-coded GPU and
+        # builds an LPIPS metric whose construction downloads weights.
         gen = torch.Generator().manual_seed(self.config.seed)
         if self.seed_points is not None and not self.config.random_init:
             points, colors = self.seed_points

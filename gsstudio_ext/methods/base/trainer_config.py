@@ -15,30 +15,31 @@ from gsstudio_ext.data.datamanager import SidecarDataManagerConfig
 from gsstudio_ext.methods.base.training import default_device
 
 
-def _adam(lr: float, scheduler: Optional[ExponentialDecaySchedulerConfig] = None) -> Dict[str, Any]:
+def adam_group(lr: float, scheduler: Optional[ExponentialDecaySchedulerConfig] = None) -> Dict[str, Any]:
+    """One optimizer entry: Adam (eps 1e-15, as splatfacto) with an optional scheduler."""
     return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": scheduler}
 
 
 def splat_optimizers(max_steps: int = 30000, extra_lrs: Optional[Mapping[str, float]] = None) -> Dict[str, Any]:
     """splatfacto's optimizer settings, plus an Adam group per extra ``gauss_params`` entry (name -> lr)."""
     optimizers = {
-        "means": _adam(1.6e-4, ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps)),
-        "features_dc": _adam(0.0025),
-        "features_rest": _adam(0.0025 / 20),
-        "opacities": _adam(0.05),
-        "scales": _adam(0.005),
-        "quats": _adam(0.001),
-        "camera_opt": _adam(
+        "means": adam_group(1.6e-4, ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps)),
+        "features_dc": adam_group(0.0025),
+        "features_rest": adam_group(0.0025 / 20),
+        "opacities": adam_group(0.05),
+        "scales": adam_group(0.005),
+        "quats": adam_group(0.001),
+        "camera_opt": adam_group(
             1e-4,
             ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
         ),
-        "bilateral_grid": _adam(
+        "bilateral_grid": adam_group(
             2e-3,
             ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0),
         ),
     }
     for name, lr in (extra_lrs or {}).items():
-        optimizers[name] = _adam(lr)
+        optimizers[name] = adam_group(lr)
     return optimizers
 
 
