@@ -124,6 +124,7 @@ def merge_fragments(
     edges: Tensor,
     min_size: int = 10,
     max_dist: Optional[float] = None,
+    max_peak_dist: Optional[float] = None,
 ) -> Tensor:
     """Absorb clusters smaller than ``min_size`` into large ones (one pass; large clusters never move).
 
@@ -131,6 +132,10 @@ def merge_fragments(
     A small cluster with no edge to a large cluster joins the cluster of the spatially nearest large-cluster node,
     if that node is closer than ``max_dist`` (AG2: ``8 * 16 * s_v * graph_merge_scale``; None: no limit);
     otherwise it stays as it is.
+
+    With ``max_peak_dist`` (not in AG2), only edges and nearest nodes whose peak distance is below it merge, and
+    the fragments left over are joined with each other over such edges. Without it, an under-trained region whose
+    features are still noisy (no large cluster of its own) is split among the neighbouring objects.
 
     Args:
         labels: Long[A] cluster ids (e.g. from :func:`union_find`).
@@ -154,6 +159,8 @@ def merge_fragments(
     # 1. Edges from a small cluster (src) to a large one (dst): the one of smallest peak distance wins (first on ties).
     src, dst = _both_ways(edges, labels.numel(), self_loops=False)
     cross = ~large[labels[src]] & large[labels[dst]]
+    if max_peak_dist is not None:
+        cross &= (peaks[src] - peaks[dst]).norm(dim=-1) < max_peak_dist
     src, dst = src[cross], dst[cross]
     if src.numel():
         dist = (peaks[src] - peaks[dst]).norm(dim=-1)
@@ -167,10 +174,21 @@ def merge_fragments(
     if bool(left.any()):
         anchor_large = large[labels]
         dist, idx = knn(points[anchor_large], points[left], 1)
-        dist, near = dist[:, 0], labels[anchor_large][idx[:, 0]]
+        near_node = torch.nonzero(anchor_large).flatten()[idx[:, 0]]
+        dist, near = dist[:, 0], labels[near_node]
+        if max_peak_dist is not None:
+            similar = (peaks[left] - peaks[near_node]).norm(dim=-1) < max_peak_dist
+            dist = torch.where(similar, dist, torch.full_like(dist, float("inf")))
         best, winner = _group_argmin(labels[left], dist, num_clusters)
         has = (winner < dist.numel()) & (best < (float("inf") if max_dist is None else max_dist))
         target[has] = near[winner[has]]
+        assigned |= has
+    if max_peak_dist is not None and not bool(assigned.all()):
+        # 3. Leftover fragments join each other over similar edges (a region with no large cluster of its own).
+        left_edge = ~assigned[labels[edges[:, 0]]] & ~assigned[labels[edges[:, 1]]]
+        left_edge &= (peaks[edges[:, 0]] - peaks[edges[:, 1]]).norm(dim=-1) < max_peak_dist
+        joined = union_find(num_clusters, labels[edges[left_edge]])
+        target = torch.where(assigned, target, joined + num_clusters)
     return torch.unique(target[labels], return_inverse=True)[1]
 
 
@@ -200,6 +218,7 @@ def cluster_super_anchors(
     merge_tol: float = 0.01,
     min_size: int = 10,
     max_dist: Optional[float] = None,
+    max_peak_dist: Optional[float] = None,
     normalize: bool = True,
 ) -> SuperAnchors:
     """AG2aussian's super-anchors: mean-shift peaks, union-find over edges with peak distance < ``merge_tol``,
@@ -211,7 +230,7 @@ def cluster_super_anchors(
         edges: Long[E, 2] anchor graph at ``graph_merge_scale`` (4.0).
         bandwidth, iters, tol, normalize: see :func:`graph_mean_shift` (AG2: 0.05, 50, 1e-5, True).
         merge_tol: edges whose peak distance is below this join their clusters (AG2: 0.01).
-        min_size, max_dist: see :func:`merge_fragments` (AG2: 10, ``8 * 16 * s_v * 4.0``).
+        min_size, max_dist, max_peak_dist: see :func:`merge_fragments` (AG2: 10, ``8 * 16 * s_v * 4.0``, None).
 
     Returns:
         :class:`SuperAnchors`.
@@ -225,7 +244,9 @@ def cluster_super_anchors(
         labels = union_find(num, edges[close])
     else:
         labels = torch.arange(num, device=points.device)
-    labels = merge_fragments(labels, peaks, points, edges, min_size=min_size, max_dist=max_dist)
+    labels = merge_fragments(
+        labels, peaks, points, edges, min_size=min_size, max_dist=max_dist, max_peak_dist=max_peak_dist
+    )
     count = int(labels.max()) + 1 if num else 0
     sizes = torch.bincount(labels, minlength=count)
     denom = sizes.clamp_min(1)[:, None].to(points.dtype)

@@ -147,6 +147,29 @@ def test_merge_fragments_absorbs_small_clusters() -> None:
     assert merge_fragments(labels, peaks, points, edges, min_size=100).tolist() == labels.tolist()
 
 
+def test_merge_fragments_keeps_dissimilar_fragments_apart() -> None:
+    """With a peak-distance cap, a noisy region next to two objects stays out of both and joins up on its own."""
+    # A = 0..11 and B = 12..23 are large objects; the "floor" 24..29 is six singletons with peaks far from both
+    # objects, chained to each other and touching A and B.
+    labels = torch.tensor([0] * 12 + [1] * 12 + [2, 3, 4, 5, 6, 7])
+    peaks = torch.zeros(30, 3)
+    peaks[:12, 0] = 1.0
+    peaks[12:24, 1] = 1.0
+    peaks[24:, 2] = 1.0
+    peaks[24:, 0] = torch.linspace(0.0, 0.3, 6)  # the floor's features drift, but slowly
+    points = torch.zeros(30, 3)
+    points[:, 0] = torch.arange(30).float()
+    edges = torch.cat([chain_edges(0, 12), chain_edges(12, 24), chain_edges(24, 30), torch.tensor([[0, 24], [12, 29]])])
+    uncapped = merge_fragments(labels, peaks, points, edges, min_size=10)
+    assert set(uncapped[24:].tolist()) <= {0, 1}  # the paper's rule splits the floor among the objects
+    capped = merge_fragments(labels, peaks, points, edges, min_size=10, max_peak_dist=0.5)
+    assert capped.tolist() == [0] * 12 + [1] * 12 + [2] * 6
+    # A fragment similar to an object still joins it.
+    peaks[29] = peaks[12]
+    capped = merge_fragments(labels, peaks, points, edges, min_size=10, max_peak_dist=0.5)
+    assert capped[29] == 1 and capped[24:29].tolist() == [2] * 5
+
+
 def chain_edges(start: int, stop: int) -> torch.Tensor:
     return torch.stack([torch.arange(start, stop - 1), torch.arange(start + 1, stop)], dim=1)
 

@@ -110,11 +110,6 @@ def test_click_on_each_object_selects_it(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known open problem (issue 3): on the 200-step schedule super-anchor clustering returns ~6 spatially "
-    "mixed groups, so only one group matches a mask in association; text queries fail until clustering is fixed",
-)
 def test_text_query_by_object_name_selects_that_object(trained):
     """Label embeddings are attached to super-anchors in one render per view; each object's name selects it."""
     from gsstudio_ext.core.metrics import mask_iou

@@ -27,7 +27,10 @@ class GraphSettings:
     merge_tol: float = 0.01
     """Union-find joins neighbouring anchors whose mean-shift peaks are closer than this."""
     min_cluster_size: int = 10
-    """Clusters with fewer anchors are merged into a neighbouring large cluster."""
+    """Clusters with fewer anchors are merged into a neighbouring large cluster..."""
+    fragment_max_peak_distance: float = 0.5
+    """...only over edges whose mean-shift peaks are closer than this (not in the paper, which merges regardless:
+    then the still-noisy anchors of a short schedule are split among neighbouring objects); 2.0 = no limit."""
     text_grow_threshold: float = 0.05
     """Text queries grow over edges whose feature distance is below this..."""
     text_grow_hops: int = 10
@@ -86,6 +89,7 @@ def build_index(
     clusters = cluster_super_anchors(
         anchor_xyz, features, merge_edges, bandwidth=settings.mean_shift_bandwidth, merge_tol=settings.merge_tol,
         min_size=settings.min_cluster_size, max_dist=8 * anchor_graph_radius(voxel_size, settings.merge_scale),
+        max_peak_dist=settings.fragment_max_peak_distance,
     )  # fmt: skip
     return AnchorIndex(
         labels=clusters.labels,

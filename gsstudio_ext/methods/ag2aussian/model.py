@@ -228,7 +228,8 @@ class AG2Model(FeatureSplatfactoModel):
             if masks.shape[1:] != feats.shape[:2]:
                 masks = F.interpolate(masks[None].float(), size=feats.shape[:2], mode="nearest")[0] > 0.5
             if cfg.background_mask:
-                masks = torch.cat([masks, ~masks.any(dim=0, keepdim=True)])
+                covered = alpha[..., 0].detach() >= cfg.feature_alpha_min  # empty sky has no feature to smooth
+                masks = torch.cat([masks, ~masks.any(dim=0, keepdim=True) & covered])
             smooth, contrast = losses.mask_losses(feats, masks, cfg.contrast_eps)
             loss_dict["mask"] = cfg.mask_loss_weight * (cfg.lambda_smooth * smooth + cfg.lambda_contrast * contrast)
         return loss_dict
