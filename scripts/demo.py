@@ -1,9 +1,16 @@
-"""Main job: make the default synthetic scene, train the base feature model on it, evaluate held-out views.
+"""Main job: make the default synthetic scene, train ag2aussian-ext on it, run a text and a click query, export.
 
-    .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300]
+    .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300] [--query duck]
 
-Writes <out>/scene (the gs-synth dataset), <out>/runs (nerfstudio run: config.yml + checkpoint), <out>/eval.json
-(ns-eval style metrics) and <out>/renders/*.png (ground truth | render | depth for each held-out view).
+Writes under <out>:
+- scene/            the gs-synth dataset, with instance masks and label embeddings (gs-preprocess, offline MiniLM);
+- runs/             the nerfstudio run (config.yml + checkpoint, language index included);
+- eval.json         ns-eval style metrics: PSNR/SSIM and both LERF-OVS text-query protocols;
+- eval/             per-pair results of each protocol (opengaussian-lerf.json, langsplat-lerf.json);
+- query/            gs-query output for the text query: selection/, relevancy/, rgb/ PNGs per held-out view;
+- click/            the selection mask of a click on the centre of an object in the first held-out view;
+- renders/          ground truth | render | depth | instances of every held-out view;
+- <query>.ply       the Gaussians the text query selects; scene_instances.ply the whole scene with instance_id.
 """
 
 from __future__ import annotations
@@ -19,10 +26,15 @@ import tyro
 from nerfstudio.utils.colormaps import apply_depth_colormap
 from PIL import Image
 
+from gsstudio_ext.cli import export as gs_export
+from gsstudio_ext.cli import query as gs_query
+from gsstudio_ext.data.embedding_sources import LabelEmbeddingConfig
+from gsstudio_ext.data.mask_sources import SidecarMaskSourceConfig
+from gsstudio_ext.data.preprocess import preprocess_dataset
 from gsstudio_ext.data.synthetic import generate_scene
 from gsstudio_ext.data.synthetic.config import SynthConfig
-from gsstudio_ext.methods.base.model import FeatureSplatfactoModelConfig
-from gsstudio_ext.methods.base.trainer_config import SHORT_SCHEDULE, gaussian_trainer_config
+from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
+from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
 from gsstudio_ext.methods.base.training import prepare_config, train
 
 
@@ -31,15 +43,17 @@ class DemoArgs:
     """Options of the main job."""
 
     out: Path = Path("demo_out")
-    """Folder for the scene, the run, the metrics and the renders."""
+    """Folder for the scene, the run, the metrics, the masks and the exports."""
     steps: int = 300
     """Training steps."""
+    query: str = "duck"
+    """Text query to render and export (an object name of the default scene: mug, car, duck, chair ...)."""
     device: str = "cpu"
     """Device to train on (cpu or cuda)."""
 
 
 def save_renders(pipeline, folder: Path) -> list[Path]:
-    """Ground truth | render | depth of every held-out view, as PNG."""
+    """Ground truth | render | depth | instance colours of every held-out view, as PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (camera, batch) in enumerate(pipeline.datamanager.fixed_indices_eval_dataloader):
@@ -47,11 +61,36 @@ def save_renders(pipeline, folder: Path) -> list[Path]:
         gt = batch["image"][..., :3].float().cpu()
         gt = gt / 255.0 if gt.max() > 1.0 else gt
         depth = apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"])
-        panels = [gt, outputs["rgb"].cpu(), depth.cpu()]
+        panels = [gt, outputs["rgb"].cpu(), depth.cpu(), outputs["instance"].cpu()]
         image = (torch.cat(panels, dim=1).clamp(0, 1).numpy() * 255).astype(np.uint8)
         paths.append(folder / f"eval_{index:02d}.png")
         Image.fromarray(image).save(paths[-1])
     return paths
+
+
+def centre_pixel(mask: torch.Tensor) -> tuple[int, int]:
+    """(x, y) of the mask pixel farthest from its border."""
+    depth, current = torch.zeros(mask.shape), mask.float()[None, None]
+    while current.sum() > 0:
+        depth += current[0, 0]
+        current = -torch.nn.functional.max_pool2d(-current, 3, stride=1, padding=1)
+    flat = int(depth.flatten().argmax())
+    return flat % mask.shape[1], flat // mask.shape[1]
+
+
+def click_query(pipeline, folder: Path) -> dict:
+    """Click the centre of the largest object of the first held-out view; save the rendered selection mask."""
+    model = pipeline.model
+    camera, batch = pipeline.datamanager.fixed_indices_eval_dataloader[0]
+    mask = max(batch["instance_masks"], key=lambda m: int(m.sum()))
+    x, y = centre_pixel(mask)
+    selected = model.click_query(camera, x, y)
+    rendered = model.get_outputs_for_camera(camera)["selection"][..., 0].cpu() > 0.5
+    model.query_state.undo()
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rendered.numpy().astype(np.uint8) * 255).save(folder / "selection.png")
+    inter, union = (rendered & mask.cpu()).sum(), (rendered | mask.cpu()).sum()
+    return {"pixel": [x, y], "selected_gaussians": int(selected.sum()), "iou_with_gt": float(inter / union)}
 
 
 def main(args: DemoArgs) -> None:
@@ -59,28 +98,42 @@ def main(args: DemoArgs) -> None:
     scene = args.out / "scene"
     if not (scene / "transforms.json").exists():
         generate_scene(scene, SynthConfig())
-    model = FeatureSplatfactoModelConfig(**SHORT_SCHEDULE, feature_dims={"feature": 13})
-    config = gaussian_trainer_config("gsstudio-splatfacto", model, extra_lrs={"feature": 0.0025}, max_steps=args.steps)
+    preprocess_dataset(scene, SidecarMaskSourceConfig(), LabelEmbeddingConfig())  # cached: re-runs reuse it
+    model = AG2ModelConfig(**SHORT_SCHEDULE, densify_until=args.steps - 50)
+    config = ag2_trainer_config(model, max_steps=args.steps)
+    config.pipeline.datamanager.sidecars = ("instances", "embeddings")
     config = prepare_config(config, scene, args.out / "runs", max_steps=args.steps, device=args.device)
-    trainer, config_path = train(config)
+    trainer, config_path = train(config)  # the language index is built at the last step, into the checkpoint
     pipeline = trainer.pipeline
     with torch.no_grad():
-        metrics = pipeline.get_average_eval_image_metrics(get_std=True)
+        metrics = pipeline.get_average_eval_image_metrics(output_path=args.out / "eval", get_std=True)
         pipeline.eval()
         renders = save_renders(pipeline, args.out / "renders")
+        click = click_query(pipeline, args.out / "click")
+    query = gs_query.run(gs_query.QueryCommand(config_path, args.query, args.out / "query"))
+    selection_ply = args.out / f"{args.query.replace(' ', '_')}.ply"
+    selected = gs_export.run(gs_export.ExportCommand(config_path, selection_ply, query=args.query))
+    whole = gs_export.run(gs_export.ExportCommand(config_path, args.out / "scene_instances.ply"))
     report = {
         "method_name": config.method_name,
         "checkpoint": str(config.get_checkpoint_dir()),
         "config": str(config_path),
         "results": metrics,
         "gaussians": int(pipeline.model.num_points),
+        "text_query": {"query": args.query, "selected_gaussians": selected.num_selected, "ply": str(selection_ply)},
+        "click_query": click,
         "wall_time_s": round(time.time() - start, 1),
     }
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
-    print(f"\nscene:    {scene}\nrun:      {config_path}\nmetrics:  {args.out / 'eval.json'}")
-    print(f"renders:  {len(renders)} PNGs in {args.out / 'renders'}")
+    og = {k.split("/")[-1]: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("opengaussian")}
+    print(f"\nscene:        {scene}\nrun:          {config_path}\nmetrics:      {args.out / 'eval.json'}")
     print(f"held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, {report['gaussians']} Gaussians")
-    print(f"view it:  .venv/bin/ns-viewer --load-config {config_path}")
+    print(f"text queries: {og} (opengaussian-lerf, every object by name on the held-out views)")
+    print(f"query masks:  {len(query['files'])} PNGs in {args.out / 'query'} for {args.query!r}")
+    print(f"click mask:   {args.out / 'click' / 'selection.png'} (IoU with GT {click['iou_with_gt']:.2f})")
+    print(f"exports:      {selection_ply} ({selected.num_written} Gaussians), {whole.path} (with instance_id)")
+    print(f"renders:      {len(renders)} PNGs in {args.out / 'renders'}")
+    print(f"view it:      .venv/bin/ns-viewer --load-config {config_path}")
 
 
 if __name__ == "__main__":

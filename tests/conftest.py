@@ -59,3 +59,30 @@ def default_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gsstudio_ext.data.synthetic.config import SynthConfig
 
     return generate_scene(tmp_path_factory.mktemp("default_scene") / "scene", SynthConfig())
+
+
+AG2_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def ag2_run(default_scene: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(trainer, config.yml) of ag2aussian-ext trained 200 CPU steps on a copy of the default scene with label
+    embeddings (GT masks + object names through MiniLM); shared by the method, CLI and viewer tests. Tests that
+    change the model's query state must restore it."""
+    import shutil
+
+    from gsstudio_ext.data.embedding_sources import LabelEmbeddingConfig
+    from gsstudio_ext.data.mask_sources import SidecarMaskSourceConfig
+    from gsstudio_ext.data.preprocess import preprocess_dataset
+    from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
+    from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
+    from gsstudio_ext.methods.base.training import prepare_config, train
+
+    scene = tmp_path_factory.mktemp("ag2_scene") / "scene"
+    shutil.copytree(default_scene, scene)
+    preprocess_dataset(scene, SidecarMaskSourceConfig(), LabelEmbeddingConfig(), progress=False)
+    model = AG2ModelConfig(**SHORT_SCHEDULE, densify_until=AG2_STEPS - 50)
+    config = ag2_trainer_config(model, max_steps=AG2_STEPS)
+    config.pipeline.datamanager.sidecars = ("instances", "embeddings")
+    config = prepare_config(config, scene, tmp_path_factory.mktemp("ag2"), max_steps=AG2_STEPS, device="cpu")
+    return train(config)

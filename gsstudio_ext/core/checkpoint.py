@@ -5,6 +5,10 @@ A nerfstudio checkpoint ``<run>/nerfstudio_models/step-XXXXXXXXX.ckpt`` is a ``t
 when saved from DDP). Besides splatfacto's six parameters, any other ``gauss_params`` entry (a method's per-Gaussian
 features, ids ...) is returned in ``GaussianScene.extras``.
 
+Anchor-layout checkpoints (ag2aussian-ext: children stored as offsets from fixed anchors, see
+:mod:`gsstudio_ext.core.anchors`) give their children with world positions, their ``instance_feature`` and, when the
+checkpoint holds a super-anchor label per anchor (the model buffer ``index_labels``), their ``instance_id``.
+
 Security note: checkpoints are read with ``torch.load(..., weights_only=False)`` because nerfstudio checkpoints
 may pickle objects beyond plain tensors. Unpickling can run arbitrary code, so these functions are only meant for
 files the user explicitly points at (their own training runs); never call them on files fetched automatically.
@@ -15,10 +19,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from gsstudio_ext.core.anchors import is_anchor_layout, scene_from_anchor_params
 from gsstudio_ext.core.ply import SceneIOError, read_ply
 from gsstudio_ext.core.scene import GaussianScene
 
@@ -26,6 +31,7 @@ PathLike = Union[str, os.PathLike]
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 _GAUSS_MARKER = "gauss_params."
+_ANCHOR_LABELS = "index_labels"  # ag2aussian-ext's model buffer: super-anchor id per anchor
 
 
 def find_latest_checkpoint(path: PathLike) -> Path:
@@ -76,11 +82,32 @@ def gauss_params_from_state_dict(state: Mapping[str, Any]) -> Dict[str, torch.Te
     return params
 
 
+def model_buffer_from_state_dict(state: Mapping[str, Any], name: str) -> Optional[torch.Tensor]:
+    """A model-level tensor ``name`` of a (pipeline or model) state dict (``_model.<name>``, ``module._model.<name>``
+    or ``<name>``), or None. Entries inside ``gauss_params`` do not count."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            continue
+        head, dot, last = key.rpartition(".")
+        if last == name and _GAUSS_MARKER not in key and (not dot or head == "_model" or head.endswith("._model")):
+            return value.detach()
+    return None
+
+
+def _anchor_scene(params: Dict[str, torch.Tensor], state: Mapping[str, Any]) -> GaussianScene:
+    """Children of an anchor-layout checkpoint; ``instance_id`` only when the saved labels fit the anchors."""
+    labels = model_buffer_from_state_dict(state, _ANCHOR_LABELS)
+    if labels is not None and tuple(labels.shape) != (int(params["anchor_xyz"].shape[0]),):
+        labels = None  # labels of an older anchor set: no instance ids rather than wrong ones
+    return scene_from_anchor_params(params, labels)
+
+
 def load_splatfacto_checkpoint(path: PathLike) -> GaussianScene:
     """Load the Gaussians of a nerfstudio splatfacto(-derived) checkpoint as a CPU :class:`GaussianScene`.
 
     ``path`` is a ``step-*.ckpt`` file, a run directory or its ``nerfstudio_models/`` folder (the latest step is
-    used). Extra ``gauss_params`` entries come back as extras.
+    used). Extra ``gauss_params`` entries come back as extras. Anchor layouts (ag2aussian-ext) give their children
+    (see the module docstring).
     """
     ckpt_path = find_latest_checkpoint(path)
     ckpt = _load_trusted(ckpt_path)
@@ -97,6 +124,8 @@ def load_splatfacto_checkpoint(path: PathLike) -> GaussianScene:
             "is it a splatfacto-based run?"
         )
     try:
+        if is_anchor_layout(params):
+            return _anchor_scene(params, state)
         return GaussianScene.from_splatfacto_params(params)
     except ValueError as err:
         raise SceneIOError(f"{ckpt_path}: Gaussian parameters are inconsistent: {err}") from err

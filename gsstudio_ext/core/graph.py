@@ -194,7 +194,7 @@ def edge_feature_distance(features: Tensor, edges: Tensor) -> Tensor:
     """Float[E] Euclidean distance ``||f_i - f_j||`` along each edge (AG2's diffusion edge "weight")."""
     if edges.numel() == 0:
         return features.new_zeros(0)
-    return (features[edges[:, 0]] - features[edges[:, 1]]).norm(dim=-1)
+    return (features.index_select(0, edges[:, 0]) - features.index_select(0, edges[:, 1])).norm(dim=-1)
 
 
 def graph_laplacian_loss(features: Tensor, edges: Tensor, tau: float, node_mask: Optional[Tensor] = None) -> Tensor:
@@ -221,7 +221,8 @@ def graph_laplacian_loss(features: Tensor, edges: Tensor, tau: float, node_mask:
     if edges.numel() == 0:
         return features.sum() * 0.0
     i, j = edges[:, 0], edges[:, 1]
-    diff2 = (features[i] - features[j]).square().sum(-1)
+    # index_select: its backward is an atomic index_add (tensor[i] backpropagates through a slow sorting index_put)
+    diff2 = (features.index_select(0, i) - features.index_select(0, j)).square().sum(-1)
     w = torch.exp(-diff2.detach() / (2.0 * tau * tau))
     deg = torch.zeros(features.shape[0], dtype=w.dtype, device=w.device)
     deg.index_add_(0, i, w).index_add_(0, j, w)
@@ -230,5 +231,5 @@ def graph_laplacian_loss(features: Tensor, edges: Tensor, tau: float, node_mask:
         if node_mask.shape != (features.shape[0],):
             raise ValueError(f"node_mask must have shape [{features.shape[0]}], got {tuple(node_mask.shape)}")
         touch = node_mask[i] | node_mask[j]
-        return (norm_w[touch] * diff2[touch]).sum()
+        return (norm_w * diff2 * touch.to(diff2.dtype)).sum()
     return (norm_w * diff2).sum()

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from gsstudio_ext.core.atomic import atomic_write
 from gsstudio_ext.core.scene import GaussianScene, _sh_degree_from_rest
 
 PathLike = Union[str, os.PathLike]
@@ -157,19 +157,7 @@ def write_ply(path: PathLike, scene: GaussianScene, comments: Sequence[str] = ()
         records[name] = col
     header = _header(scene.num_gaussians, columns, [*comments, *extra_comments])
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_payload(handle, header, records)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda handle: _write_payload(handle, header, records))
 
 
 # ---------------------------------------------------------------------------------------------------------- reading

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gsstudio_ext.core.atomic import write_json_atomic
 from gsstudio_ext.data import layout
 from gsstudio_ext.data.embedding_sources import EmbeddingSource, EmbeddingSourceConfig
 from gsstudio_ext.data.mask_sources import ImageItem, MaskSource, MaskSourceConfig, fingerprint_hash
@@ -183,16 +182,9 @@ def load_manifest(root: Path, console: Optional[Console] = None) -> Dict[str, An
     return data
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_manifest(path: Path, manifest: Dict[str, Any]) -> None:
+    """Manifest JSON: indent 1, sorted keys, final newline (stable diffs between runs)."""
+    write_json_atomic(path, manifest, indent=1, sort_keys=True, trailing_newline=True)
 
 
 def _is_ours(root: Path, stem: str, rec: Dict[str, Any]) -> bool:
@@ -281,7 +273,7 @@ def preprocess_dataset(
                 _process(item, rec, masks, embed, mask_hash, embed_hash, force, report)
                 bar.advance(task)
                 if time.monotonic() - last_save > SAVE_EVERY_S:
-                    _write_json_atomic(manifest_path(root), manifest)
+                    _write_manifest(manifest_path(root), manifest)
                     last_save = time.monotonic()
     finally:
         ours = any(_is_ours(root, s, r) for s, r in records.items())
@@ -299,7 +291,7 @@ def preprocess_dataset(
             },
         )
         if json.dumps(manifest, sort_keys=True) != before:
-            _write_json_atomic(manifest_path(root), manifest)
+            _write_manifest(manifest_path(root), manifest)
 
     # the manifest's "instance_ids" tells the validator whether ids are object ids or (SAM) mask numbers
     processed = [images[index_of[s]] for s in selected]

@@ -7,8 +7,6 @@ Readers return numpy arrays and raise :class:`SidecarError` with the offending p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
+from gsstudio_ext.core.atomic import atomic_write, write_json_atomic
 from gsstudio_ext.data import layout
 
 
@@ -24,21 +23,8 @@ class SidecarError(ValueError):
     """A sidecar file is missing, malformed or inconsistent with its image."""
 
 
-def _atomic_write(path: Path, write_fn) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    write_json_atomic(path, obj, indent=2)
 
 
 def _read_json(path: Path) -> Any:
@@ -76,9 +62,9 @@ def write_instances(dataset: Path, stem: str, ids: np.ndarray, masks: np.ndarray
         raise SidecarError(f"instance masks need shape [K, H, W] with K = len(ids); got {masks.shape}, {ids.shape}")
     bits = np.packbits(masks.reshape(-1))
     shape = np.asarray(masks.shape[1:], dtype=np.int64)
-    _atomic_write(
+    atomic_write(
         layout.instance_path(dataset, stem),
-        lambda tmp: np.savez_compressed(str(tmp), ids=ids, bits=bits, shape=shape),
+        lambda handle: np.savez_compressed(handle, ids=ids, bits=bits, shape=shape),
     )
 
 
@@ -101,7 +87,7 @@ def read_instances(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 def _write_png(path: Path, array: np.ndarray, dtype) -> None:
     image = Image.fromarray(np.asarray(array).astype(dtype))
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -140,9 +126,9 @@ def write_embeddings(dataset: Path, stem: str, ids: np.ndarray, features: np.nda
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] != ids.shape[0]:
         raise SidecarError(f"embeddings need shape [K, D] with K = len(ids); got {features.shape}, {ids.shape}")
-    _atomic_write(
+    atomic_write(
         layout.embedding_path(dataset, stem),
-        lambda tmp: np.savez(str(tmp), ids=ids, features=features, provider=np.asarray(provider)),
+        lambda handle: np.savez(handle, ids=ids, features=features, provider=np.asarray(provider)),
     )
 
 

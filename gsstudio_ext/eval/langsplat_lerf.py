@@ -38,6 +38,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from gsstudio_ext.core.atomic import atomic_write
 from gsstudio_ext.core.metrics import as_bool_mask, mask_iou
 from gsstudio_ext.eval.opengaussian_lerf import list_gt_queries, read_mask_image
 from gsstudio_ext.eval.report import ProtocolResult, SceneResult
@@ -374,17 +375,8 @@ def relevancy_path(relevancy_dir: PathLike, frame: str, label: str) -> Path:
 
 def write_relevancy(relevancy_dir: PathLike, frame: str, label: str, relevancy: ArrayLike) -> Path:
     """Save Float[L, H, W] (or [H, W]) relevancy as float32 .npy (atomic); returns the path."""
-    path = relevancy_path(relevancy_dir, frame, label)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = relevancy.detach().cpu().numpy() if isinstance(relevancy, Tensor) else np.asarray(relevancy)
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    try:
-        np.save(tmp, arr.astype(np.float32))
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(relevancy_path(relevancy_dir, frame, label), lambda h: np.save(h, arr.astype(np.float32)))
 
 
 def evaluate_folders(

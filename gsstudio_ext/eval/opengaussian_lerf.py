@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from gsstudio_ext.core.atomic import atomic_write
 from gsstudio_ext.core.metrics import align_shapes, as_bool_mask, boundary_iou, mask_iou
 from gsstudio_ext.eval.report import ProtocolResult, SceneResult
 
@@ -88,15 +89,8 @@ def read_mask_image(path: PathLike, threshold: int = GREY_THRESHOLD) -> np.ndarr
 
 def _save_mask_image(path: Path, mask: MaskLike) -> Path:
     image = Image.fromarray(as_bool_mask(mask).astype(np.uint8) * 255)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        image.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=95)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    image_format = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    return atomic_write(path, lambda h: image.save(h, format=image_format, quality=95))
 
 
 def prediction_path(pred_dir: PathLike, frame: str, query: str) -> Path:

@@ -1,4 +1,4 @@
-"""Result container shared by the evaluation protocols, atomic JSON writing and a rich table.
+"""Result container shared by the evaluation protocols, its atomic JSON file and a rich table.
 
 JSON layout (every protocol)::
 
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Sequence, Union
 
 from rich.table import Table
+
+from gsstudio_ext.core.atomic import write_json_atomic
+
+__all__ = ["SceneResult", "ProtocolResult", "write_json_atomic"]
 
 
 @dataclass
@@ -143,18 +145,3 @@ class ProtocolResult:
 
 def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
-
-
-def write_json_atomic(path: Union[str, Path], obj: Any) -> Path:
-    """Serialise ``obj`` to ``path`` through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path

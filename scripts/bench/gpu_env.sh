@@ -8,4 +8,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # gsplat's JIT build is cached here between calls when the caller carries it back in.
 export TORCH_EXTENSIONS_DIR="$PWD/.gsplat_cache"
 # A build saved by an earlier call (tar czf $OUT/gsplat_cache.tgz .gsplat_cache) can be carried in .gsplat_carry/.
-[ -f .gsplat_carry/gsplat_cache.tgz ] && [ ! -d .gsplat_cache ] && tar xzf .gsplat_carry/gsplat_cache.tgz
+if [ -f .gsplat_carry/gsplat_cache.tgz ] && [ ! -d .gsplat_cache ]; then tar xzf .gsplat_carry/gsplat_cache.tgz; fi

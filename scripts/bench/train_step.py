@@ -49,7 +49,20 @@ def _variants(feature_dim: int, only: list):
             extra_lrs={"feature": 0.0025},
         ),
     }
+    variants["ag2aussian-ext"] = _ag2_variant()
     return {name: config for name, config in variants.items() if not only or name in only}
+
+
+def _ag2_variant():
+    """ag2aussian-ext with every per-step loss on from step 0 (mask smoothness + contrast on the instance masks,
+    depth distortion, alpha, child regulariser) and the anchor-graph Laplacian from step 1000 (after growth)."""
+    from gsstudio_ext.methods.ag2aussian.config import ag2_trainer_config
+    from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
+
+    model = AG2ModelConfig(
+        mask_loss_from=0, distortion_from=0, alpha_from=0, densify_until=1000, graph_from=1000, background_mask=True
+    )
+    return ag2_trainer_config(model)
 
 
 def _sync() -> None:

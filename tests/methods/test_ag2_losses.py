@@ -1,6 +1,7 @@
 """AG2aussian's losses on hand-made inputs."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -72,10 +73,16 @@ def test_ndc_depth_maps_near_to_zero_and_far_to_one():
 
 
 def test_child_regulariser_is_zero_inside_and_positive_outside():
-    radius = torch.ones(2)
-    inside = losses.child_in_anchor_loss(torch.tensor([[0.5, 0, 0], [0, 0.2, 0]]), torch.full((2, 3), 0.5), radius)
-    outside = losses.child_in_anchor_loss(torch.tensor([[2.0, 0, 0], [0, 0.2, 0]]), torch.full((2, 3), 1.5), radius)
-    assert inside.item() == 0.0 and outside.item() > 0.0
+    radius, both = torch.ones(2), torch.ones(2, dtype=torch.bool)
+    inside = torch.tensor([[0.5, 0, 0], [0, 0.2, 0]])
+    outside = torch.tensor([[2.0, 0, 0], [0, 0.2, 0]])
+    assert losses.child_in_anchor_loss(inside, torch.full((2, 3), 0.5), radius, both).item() == 0.0
+    big = losses.child_in_anchor_loss(outside, torch.full((2, 3), 1.5), radius, both)
+    # exp(relu(2 - 1)) - 1 for the far child, relu(1.5 - 1) for both, averaged over the 2 visible children
+    assert big.item() == pytest.approx((math.e - 1 + 0.5 + 0.5) / 2)
+    # Invisible children do not count (the far one is hidden here).
+    only_near = losses.child_in_anchor_loss(outside, torch.full((2, 3), 0.5), radius, torch.tensor([False, True]))
+    assert only_near.item() == 0.0
 
 
 def test_feature_map_is_divided_by_alpha_and_zeroed_where_transparent():

@@ -3,7 +3,8 @@
 import torch
 from torch.nn import Parameter
 
-from gsstudio_ext.methods.ag2aussian.anchors import ANCHOR_KEYS, CHILD_KEYS, init_anchor_params, voxel_keys
+from gsstudio_ext.core.anchors import ANCHOR_KEYS, CHILD_KEYS
+from gsstudio_ext.methods.ag2aussian.anchors import init_anchor_params, voxel_keys
 from gsstudio_ext.methods.ag2aussian.strategy import AnchorStrategy
 
 VOXEL = 0.1

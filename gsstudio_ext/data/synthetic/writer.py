@@ -16,10 +16,7 @@ The table is background: class 0, part 0, no instance. Val and test both list th
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -27,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
+from gsstudio_ext.core.atomic import atomic_write, write_json_atomic
 from gsstudio_ext.data import sidecars
 from gsstudio_ext.data.synthetic import cameras, catalogue
 from gsstudio_ext.data.synthetic.config import SynthConfig
@@ -47,33 +45,14 @@ def frame_stem(index: int) -> str:
     return f"frame_{index:05d}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """JSON with indent 2 and a final newline, written atomically."""
+    write_json_atomic(path, obj, indent=2, trailing_newline=True)
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    image = Image.fromarray(array)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def ply_bytes(points: np.ndarray, colours: np.ndarray) -> bytes:
@@ -247,7 +226,8 @@ def write_scene(
                 progress(k + 1, config.num_views)
 
     points, colours = pool.sample(config.num_points, config.object_point_fraction)
-    atomic_write_bytes(out_dir / PLY_NAME, ply_bytes(points, colours))
+    data = ply_bytes(points, colours)
+    atomic_write(out_dir / PLY_NAME, lambda handle: handle.write(data))
     write_json(out_dir / "transforms.json", _transforms(config, intr, poses))
     sidecars.write_scene_meta(out_dir, _scene_meta(config, layout, radius))
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))

@@ -19,9 +19,6 @@ from torch import Tensor
 from gsstudio_ext.core.init import knn_mean_distance
 from gsstudio_ext.core.sh import RGB2SH, num_sh_bases
 
-ANCHOR_KEYS = ("anchor_xyz", "anchor_radius", "anchor_feat")
-CHILD_KEYS = ("offsets", "scales", "quats", "features_dc", "features_rest", "opacities", "point2anchor")
-
 
 def scene_radius(points: Tensor) -> float:
     """Scene extent R from a point cloud: 1.1 x the 99th-percentile distance to the centroid (robust to outliers)."""
@@ -106,9 +103,3 @@ def init_anchor_params(
     child_scale = 0.5 * nn.clamp_min(1e-3 * scene_radius(xyz))
     params.update(children_params(xyz, radius, rgb, children, sh_degree, child_scale, opacity, offset_std, generator))
     return params
-
-
-def child_positions(params: Dict[str, Tensor]) -> Tensor:
-    """World positions [N, 3] of the children."""
-    p2a = params["point2anchor"]
-    return params["anchor_xyz"][p2a] + params["anchor_radius"][p2a, None] * params["offsets"]

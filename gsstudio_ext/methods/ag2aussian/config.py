@@ -7,18 +7,21 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from gsstudio_ext.data.datamanager import SidecarDataManagerConfig
 from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
+from gsstudio_ext.methods.ag2aussian.pipeline import AG2PipelineConfig
 from gsstudio_ext.methods.base.trainer_config import adam_group, gaussian_trainer_config
 
 MAX_STEPS = 35000
 
 # AG2aussian's 35k-step schedule compressed for a few hundred steps on a ~100x100 scene (demo, CPU tests): coarser
-# anchors, the mask loss from the start, densification and distortion early, object GT masks plus a background mask.
+# anchors (grown at the voxel size, not 16 voxels), the mask loss from the start, densification and distortion
+# early, object GT masks plus a background mask.
 SHORT_SCHEDULE = dict(
     num_downscales=0,
     sh_degree=1,
     sh_degree_interval=100,
     background_color="white",
     voxel_size=0.04,
+    growth_cell_voxels=1.0,
     child_init_opacity=0.1,
     densify_from=100,
     densify_every=50,
@@ -52,6 +55,7 @@ def ag2_trainer_config(model: AG2ModelConfig | None = None, max_steps: int = MAX
         model or AG2ModelConfig(),
         datamanager=SidecarDataManagerConfig(sidecars=("instances",)),
         max_steps=max_steps,
+        pipeline=AG2PipelineConfig(),
     )
     config.optimizers = ag2_optimizers(max_steps)
     return config

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +72,21 @@ class AnchorIndex:
     """Graph at the merge scale [E, 2] (text queries)."""
     click_edges: Tensor
     """Graph at the training scale [E', 2] (click queries)."""
+    _passable: Dict[Tuple[str, float], Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_groups(self) -> int:
         return int(self.features.shape[0])
+
+    def passable_edges(self, graph: str, anchor_feat: Tensor, max_distance: float) -> Tensor:
+        """Edges [E'', 2] of the "merge" or "click" graph whose feature distance is below ``max_distance``; computed
+        once per index (features are those of a trained scene), so a query only walks them."""
+        key = (graph, max_distance)
+        if key not in self._passable:
+            edges = self.merge_edges if graph == "merge" else self.click_edges
+            weight = edge_feature_distance(F.normalize(anchor_feat, dim=-1), edges)
+            self._passable[key] = edges[weight < max_distance]
+        return self._passable[key]
 
 
 @torch.no_grad()
@@ -91,10 +102,29 @@ def build_index(
         min_size=settings.min_cluster_size, max_dist=8 * anchor_graph_radius(voxel_size, settings.merge_scale),
         max_peak_dist=settings.fragment_max_peak_distance,
     )  # fmt: skip
+    return index_from_labels(anchor_xyz, clusters.peaks, clusters.labels, voxel_size, settings, merge_edges)
+
+
+@torch.no_grad()
+def index_from_labels(
+    anchor_xyz: Tensor,
+    anchor_feat: Tensor,
+    labels: Tensor,
+    voxel_size: float,
+    settings: Optional[GraphSettings] = None,
+    merge_edges: Optional[Tensor] = None,
+) -> AnchorIndex:
+    """The index of known super-anchor ``labels`` [A] (e.g. saved in a checkpoint): group features and graphs."""
+    settings = settings or GraphSettings()
+    count = int(labels.max()) + 1 if labels.numel() else 0
+    sums = torch.zeros(count, anchor_feat.shape[1], dtype=anchor_feat.dtype, device=anchor_feat.device)
+    sums.index_add_(0, labels, F.normalize(anchor_feat, dim=-1))
+    if merge_edges is None:
+        merge_edges = build_graph(anchor_xyz, voxel_size, settings.merge_scale, settings)
     return AnchorIndex(
-        labels=clusters.labels,
-        features=F.normalize(clusters.features, dim=-1),
-        sizes=clusters.sizes,
+        labels=labels,
+        features=F.normalize(sums, dim=-1),
+        sizes=torch.bincount(labels, minlength=count),
         merge_edges=merge_edges,
         click_edges=build_graph(anchor_xyz, voxel_size, settings.train_scale, settings),
     )
@@ -107,10 +137,8 @@ def grow_from_groups(
     """Anchors [A] bool of the super-anchors ``groups`` (ids), grown over the merge-scale graph (text queries)."""
     settings = settings or GraphSettings()
     seeds = torch.isin(index.labels, groups.to(index.labels.device))
-    weight = edge_feature_distance(F.normalize(anchor_feat, dim=-1), index.merge_edges)
-    return grow_selection(
-        seeds, index.merge_edges, weight, settings.text_grow_threshold, settings.text_grow_hops, anchor_feat.shape[0]
-    )
+    edges = index.passable_edges("merge", anchor_feat, settings.text_grow_threshold)
+    return grow_selection(seeds, edges, None, 0.0, settings.text_grow_hops, anchor_feat.shape[0])
 
 
 @torch.no_grad()
@@ -125,7 +153,5 @@ def grow_from_point(
     by child-mean centre, grown over the training-scale graph."""
     settings = settings or GraphSettings()
     _, nearest = knn(centers, point.reshape(1, 3).to(centers), settings.click_neighbors)
-    weight = edge_feature_distance(F.normalize(anchor_feat, dim=-1), index.click_edges)
-    return grow_selection(
-        nearest[0], index.click_edges, weight, settings.click_grow_threshold, settings.click_grow_hops, centers.shape[0]
-    )
+    edges = index.passable_edges("click", anchor_feat, settings.click_grow_threshold)
+    return grow_selection(nearest[0], edges, None, 0.0, settings.click_grow_hops, centers.shape[0])

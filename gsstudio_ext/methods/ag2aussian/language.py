@@ -27,19 +27,22 @@ class TextQuerySettings:
     min_group_anchors: int = 5
     """Super-anchors with fewer anchors are never selected."""
     threshold: float = 0.5
-    """Minimum cosine similarity of the best super-anchor; below it the query selects nothing. 0.5 suits the label
-    (sentence-embedding) provider; CLIP image-text similarities are lower (about 0.2-0.3)."""
+    """The best super-anchor's cosine similarity must exceed this, else the query selects nothing (1 = never).
+    0.5 suits the label (sentence-embedding) provider; CLIP image-text similarities are lower (about 0.2-0.3)."""
 
 
 @dataclass
 class GroupLanguage:
-    """One embedding per super-anchor, and the provider that made the mask embeddings."""
+    """One embedding per super-anchor, the super-anchors they belong to, and the provider of the mask embeddings."""
 
+    labels: Tensor
+    """[A] super-anchor id of every anchor at association time."""
     embeddings: Tensor
     """[S, E], zero for super-anchors that matched no mask."""
     matched: Tensor
     """[S] bool, super-anchors that matched a mask in at least one view."""
     provider: str
+    """Embedding provider (e.g. "clip:ViT-B-16/laion2b_s34b_b88k", "label:minilm"): picks the query text encoder."""
 
 
 @torch.no_grad()
@@ -79,34 +82,68 @@ def associate_language(model, datamanager, config: Optional[AssociationConfig] =
         )
     result = associate_groups(groups, index.num_groups, model_views, config, instance_features=features)
     matched = result.matched.any(dim=1) if result.matched.numel() else torch.zeros(index.num_groups, dtype=torch.bool)
-    return GroupLanguage(embeddings=result.embeddings, matched=matched, provider=provider)
+    return GroupLanguage(labels=index.labels, embeddings=result.embeddings, matched=matched, provider=provider)
 
 
 @torch.no_grad()
-def relevancy(language: GroupLanguage, query: Tensor) -> Tensor:
-    """Cosine similarity [S] of every super-anchor's embedding with a text embedding [E]."""
-    return F.normalize(language.embeddings, dim=-1) @ F.normalize(query, dim=-1)
+def group_relevancy(language: GroupLanguage, positive: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
+    """Relevancy [S] of every super-anchor to a text embedding [E]: the cosine similarity, or with negatives [K, E]
+    LERF's pairwise rule min_k exp(s) / (exp(s) + exp(s_k)) at temperature 10 (0.5 = as close to a negative)."""
+    groups = F.normalize(language.embeddings, dim=-1)
+    sims = groups @ F.normalize(positive, dim=-1)
+    if negatives is None or negatives.shape[0] == 0:
+        return sims
+    neg = groups @ F.normalize(negatives, dim=-1).T
+    return torch.sigmoid(10.0 * (sims[:, None] - neg)).amin(dim=1)
+
+
+def encode_query(encode: Callable[[Sequence[str]], Tensor], text: str, negatives: Sequence[str] = ()):
+    """(positive [E], negatives [K, E] or None) embeddings of a query; an empty positive is a user error."""
+    if not text.strip():
+        raise ValueError("empty text query: type what to look for, e.g. 'the red mug'")
+    negatives = [n for n in negatives if n.strip()]
+    embedded = encode([text, *negatives])
+    return embedded[0], (embedded[1:] if negatives else None)
 
 
 @torch.no_grad()
+def match_text(
+    model,
+    language: GroupLanguage,
+    positive: Tensor,
+    negatives: Optional[Tensor] = None,
+    settings: Optional[TextQuerySettings] = None,
+) -> tuple[Tensor, Tensor]:
+    """(children [N] bool, super-anchor relevancy [S]) of an encoded query: the best super-anchors (the paper's
+    softmax rule), grown over the merge-scale graph.
+
+    Nothing is selected when the best cosine similarity is below ``settings.threshold``, or when every candidate is
+    closer to a negative than to the query."""
+    settings = settings or TextQuerySettings()
+    index = model.anchor_index
+    device = language.embeddings.device
+    sims = group_relevancy(language, positive.to(device))
+    relevancy = sims if negatives is None else group_relevancy(language, positive.to(device), negatives.to(device))
+    eligible = language.matched & (index.sizes.to(device) >= settings.min_group_anchors)
+    if negatives is not None:
+        eligible &= relevancy > 0.5
+    empty = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
+    if not eligible.any() or not float(sims[eligible].max().clamp(max=1.0)) > settings.threshold:  # 1.0 = none
+        return empty, relevancy
+    probs = torch.softmax(torch.where(eligible, sims, torch.full_like(sims, -1e4)) * settings.temperature, dim=0)
+    seeds = torch.nonzero(eligible & (probs > probs.max() - settings.seed_margin)).flatten()
+    anchors = grow_from_groups(index, model.gauss_params["anchor_feat"].detach(), seeds, model.config.graph_settings)
+    return gaussians_of(anchors, model.gauss_params["point2anchor"]), relevancy
+
+
 def select_by_text(
     model,
     language: GroupLanguage,
     encode: Callable[[Sequence[str]], Tensor],
     text: str,
     settings: Optional[TextQuerySettings] = None,
+    negatives: Sequence[str] = (),
 ) -> Tensor:
-    """Children [N] bool selected by a text query: the best super-anchors (softmax rule), grown over the graph."""
-    settings = settings or TextQuerySettings()
-    if not text.strip():
-        raise ValueError("empty text query: type what to look for, e.g. 'the red mug'")
-    index = model.anchor_index
-    sims = relevancy(language, encode([text])[0].to(language.embeddings.device))
-    eligible = language.matched & (index.sizes >= settings.min_group_anchors)
-    empty = torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
-    if not eligible.any() or float(sims[eligible].max()) < settings.threshold:
-        return empty
-    probs = torch.softmax(torch.where(eligible, sims, torch.tensor(-1e4)) * settings.temperature, dim=0)
-    seeds = torch.nonzero(eligible & (probs > probs.max() - settings.seed_margin)).flatten()
-    anchors = grow_from_groups(index, model.gauss_params["anchor_feat"].detach(), seeds, model.config.graph_settings)
-    return gaussians_of(anchors, model.gauss_params["point2anchor"])
+    """Children [N] bool selected by a text query (see :func:`match_text`)."""
+    positive, negative = encode_query(encode, text, negatives)
+    return match_text(model, language, positive, negative, settings)[0]

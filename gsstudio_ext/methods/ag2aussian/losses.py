@@ -18,20 +18,18 @@ def mask_losses(features: Tensor, masks: Tensor, eps: float = 1.0) -> tuple[Tens
     Smoothness: (1 / (K H W)) sum_k sum_{p in k} ||F(p) - mu_k|| (Euclidean, not squared, mean over all K*H*W).
     Contrast: mean_{i != j} w_ij / (||mu_i - mu_j|| + eps), with w_ij = 0.1 + 0.9 * rank_ij / (K - 1), where the
     pairs of row i are ranked by ascending inverse distance (rank 0 = farthest), so confusable pairs weigh about 1.
-    Computed over mask pixels only (no [K, D, H*W] tensor). With fewer than two masks the contrast is 0 (the
-    original code divides by zero).
+    With fewer than two masks the contrast is 0 (the original code divides by zero).
     """
     K, H, W = masks.shape
     zero = features.sum() * 0.0
     if K == 0:
         return zero, zero
+    # Dense over [K, H*W] (K is small): no nonzero(), so no host sync, and no index backward.
     flat = features.reshape(H * W, -1)
-    mask_idx, pixel_idx = masks.reshape(K, H * W).nonzero(as_tuple=True)
-    counts = torch.bincount(mask_idx, minlength=K).clamp_min(1).to(flat.dtype)
-    picked = flat[pixel_idx]
-    sums = torch.zeros(K, flat.shape[1], dtype=flat.dtype, device=flat.device).index_add_(0, mask_idx, picked)
-    means = sums / counts[:, None]
-    smooth = (picked - means[mask_idx]).norm(dim=-1).sum() / (K * H * W)
+    weight = masks.reshape(K, H * W).to(flat.dtype)
+    means = (weight @ flat) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
+    distance = (flat[None] - means[:, None]).norm(dim=-1)  # [K, H*W]
+    smooth = (weight * distance).sum() / (K * H * W)
     if K < 2:
         return smooth, zero
     inverse = 1.0 / (torch.cdist(means, means) + eps)
@@ -55,11 +53,11 @@ def distortion_from_moments(moments: Tensor, alpha: Tensor) -> Tensor:
     return alpha[..., 0] * moments[..., 1] - moments[..., 0] ** 2
 
 
-def child_in_anchor_loss(offsets: Tensor, scales: Tensor, anchor_radius: Tensor) -> Tensor:
+def child_in_anchor_loss(offsets: Tensor, scales: Tensor, anchor_radius: Tensor, visible: Tensor) -> Tensor:
     """Keep children within one anchor radius and no larger than it: mean(exp(relu(|o| - 1)) - 1) +
-    mean(relu(max scale - r)); offsets [N, 3] in radius units, scales [N, 3] activated, radius [N]."""
-    if offsets.shape[0] == 0:
-        return offsets.sum() * 0.0
+    mean(relu(max scale - r)) over the ``visible`` children; offsets [N, 3] in radius units, scales [N, 3]
+    activated, radius [N], visible [N] bool (a weight, not an index: no host sync)."""
     outside = torch.exp(torch.relu(offsets.norm(dim=-1) - 1.0)) - 1.0
     too_big = torch.relu(scales.amax(dim=-1) - anchor_radius)
-    return outside.mean() + too_big.mean()
+    weight = visible.to(offsets.dtype)
+    return ((outside + too_big) * weight).sum() / weight.sum().clamp_min(1.0)

@@ -1,6 +1,10 @@
-"""Click queries on a trained ag2aussian-ext model: pixel -> rendered depth -> 3D point -> grown anchor selection."""
+"""Queries on a trained ag2aussian-ext model: what to render (config), the live selection with undo, and clicks
+(pixel -> rendered depth -> 3D point -> grown anchor selection)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -8,31 +12,78 @@ from torch import Tensor
 
 from gsstudio_ext.core.selection import gaussians_of
 from gsstudio_ext.methods.ag2aussian.index import anchor_centers, grow_from_point
+from gsstudio_ext.viewer.ray_camera import pixel_to_world
+
+QueryMode = Literal["highlight", "isolate", "remove"]
 
 
-def pixel_to_point(camera: Cameras, x: int, y: int, depth: float) -> Tensor:
-    """World point [3] seen at pixel (x, y) of a nerfstudio camera at z-depth ``depth`` (pixel centres at +0.5)."""
-    fx, fy = float(camera.fx[0]), float(camera.fy[0])
-    cx, cy = float(camera.cx[0]), float(camera.cy[0])
-    c2w = camera.camera_to_worlds[0]
-    # nerfstudio cameras are OpenGL: x right, y up, looking down -z
-    local = torch.tensor([(x + 0.5 - cx) / fx * depth, -(y + 0.5 - cy) / fy * depth, -depth], device=c2w.device)
-    return c2w[:3, :3] @ local.to(c2w.dtype) + c2w[:3, 3]
+@dataclass
+class QueryConfig:
+    """A text query applied to every render (ns-render, the viewer at start-up); also what the viewer edits."""
+
+    text: str = ""
+    """Text to look for; empty = no query."""
+    negatives: Tuple[str, ...] = ()
+    """Phrases the selection must be less like than the query (e.g. "table" when querying "mug")."""
+    threshold: Optional[float] = None
+    """Minimum cosine similarity of the best super-anchor; None = the text-query settings' threshold."""
+    mode: QueryMode = "highlight"
+    """How the selection shows in the RGB render: highlight (tinted), isolate (only it), remove (all but it)."""
+    highlight_color: Tuple[float, float, float] = (1.0, 0.25, 0.1)
+    """Tint of highlighted Gaussians."""
+
+
+@dataclass
+class QueryState:
+    """The live selection of a model (children [N] bool) and per-child relevancy, with an undo history."""
+
+    selection: Optional[Tensor] = None
+    relevancy: Optional[Tensor] = None
+    history: List[Tuple[Optional[Tensor], Optional[Tensor]]] = field(default_factory=list)
+
+    def push(self, selection: Optional[Tensor], relevancy: Optional[Tensor] = None) -> None:
+        """Make ``selection`` current; the previous one can be restored by :meth:`undo`."""
+        self.history.append((self.selection, self.relevancy))
+        self.selection, self.relevancy = selection, relevancy
+
+    def undo(self) -> bool:
+        """Restore the previous selection; False if there is none."""
+        if not self.history:
+            return False
+        self.selection, self.relevancy = self.history.pop()
+        return True
 
 
 @torch.no_grad()
-def select_by_click(model, camera: Cameras, x: int, y: int) -> Tensor:
-    """Children [N] bool selected by clicking pixel (x, y) of ``camera`` (empty if the pixel shows nothing)."""
+def click_point(model, camera: Cameras, x: int, y: int) -> Optional[Tensor]:
+    """World point [3] under pixel (x, y) of ``camera`` from the rendered depth; None if the pixel shows nothing."""
     camera = camera.to(model.device)
     was_training = model.training
     model.eval()
     outputs = model.get_outputs_for_camera(camera)
     model.train(was_training)
+    height, width = outputs["accumulation"].shape[:2]
+    if not (0 <= x < width and 0 <= y < height):
+        raise ValueError(f"click ({x}, {y}) is outside the {width}x{height} image")
     if float(outputs["accumulation"][y, x, 0]) < 0.5:
-        return torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
-    point = pixel_to_point(camera, x, y, float(outputs["depth"][y, x, 0]))
+        return None
+    return pixel_to_world(camera, x, y, float(outputs["depth"][y, x, 0]))
+
+
+@torch.no_grad()
+def select_by_point(model, point: Tensor) -> Tensor:
+    """Children [N] bool selected by a 3D point: its nearest anchors, grown over the training-scale graph."""
     params = model.gauss_params
     centers = anchor_centers(params["anchor_xyz"].detach(), model.means.detach(), params["point2anchor"])
     anchors = grow_from_point(model.anchor_index, centers, params["anchor_feat"].detach(), point,
                               model.config.graph_settings)  # fmt: skip
     return gaussians_of(anchors, params["point2anchor"])
+
+
+@torch.no_grad()
+def select_by_click(model, camera: Cameras, x: int, y: int) -> Tensor:
+    """Children [N] bool selected by clicking pixel (x, y) of ``camera`` (empty if the pixel shows nothing)."""
+    point = click_point(model, camera, x, y)
+    if point is None:
+        return torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
+    return select_by_point(model, point)

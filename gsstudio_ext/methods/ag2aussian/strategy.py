@@ -13,15 +13,10 @@ from typing import Any, Dict
 import torch
 from torch import Tensor
 
+from gsstudio_ext.core.anchors import ANCHOR_KEYS, CHILD_KEYS, child_positions
 from gsstudio_ext.core.param_surgery import append_rows, keep_rows
 from gsstudio_ext.core.sh import SH2RGB
-from gsstudio_ext.methods.ag2aussian.anchors import (
-    ANCHOR_KEYS,
-    CHILD_KEYS,
-    child_positions,
-    children_params,
-    voxel_keys,
-)
+from gsstudio_ext.methods.ag2aussian.anchors import children_params, voxel_keys
 
 
 @dataclass
@@ -39,6 +34,7 @@ class AnchorStrategy:
     grad_threshold: float = 1.5e-4
     min_observations: int = 10
     growth_levels: int = 3
+    growth_cell_voxels: float = 16.0
     growth_std_scale: float = 3.0
     min_mean_opacity: float = 0.0099
     big_after: int = 3000
@@ -102,7 +98,7 @@ class AnchorStrategy:
         new_rows = {key: [] for key in ANCHOR_KEYS + CHILD_KEYS}
         taken = set(map(tuple, voxel_keys(params["anchor_xyz"], self.voxel_size).tolist()))
         for level in range(self.growth_levels):
-            cell = self.voxel_size * 16 / 4**level
+            cell = self.voxel_size * self.growth_cell_voxels / 4**level
             chosen = (signal > self.grad_threshold * 2**level) & observed
             chosen &= torch.rand_like(signal) < 1 - 0.5 ** (level + 1)
             if not chosen.any():

@@ -146,7 +146,8 @@ class FeatureSplatfactoModel(SplatfactoModel):
         return {name: [param] for name, param in self.gauss_params.items() if param.requires_grad}
 
     def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
-        """Resize every ``gauss_params`` entry to its own checkpoint shape (splatfacto assumes one shared count)."""
+        """Resize every ``gauss_params`` entry and buffer to its own checkpoint shape (splatfacto assumes one shared
+        count)."""
         self.step = 30000
         prefix = "gauss_params."
         for name, param in self.gauss_params.items():
@@ -155,9 +156,18 @@ class FeatureSplatfactoModel(SplatfactoModel):
                 self.gauss_params[name] = Parameter(
                     torch.zeros(saved.shape, dtype=saved.dtype, device=self.device), requires_grad=param.requires_grad
                 )
+        for name, buffer in list(self.named_buffers(recurse=False)):
+            saved = state_dict.get(name)
+            if saved is not None and saved.shape != buffer.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=saved.dtype, device=buffer.device))
         return torch.nn.Module.load_state_dict(self, state_dict, **kwargs)
 
     # ------------------------------------------------------------------ rendering
+
+    def render_filter(self) -> Optional[Tensor]:
+        """Bool [N] of the Gaussians to render (e.g. a selection isolated or removed in the viewer); None = all.
+        Combined with the viewer's crop box; override in methods with queries."""
+        return None
 
     def feature_channels(self, crop_ids: Optional[Tensor], viewmat: Tensor) -> "OrderedDict[str, Tensor]":
         """Per-Gaussian channels [N, D] rendered next to RGB this pass, by output name (override to add more).
@@ -187,9 +197,11 @@ class FeatureSplatfactoModel(SplatfactoModel):
         """Render RGB, depth, alpha and every feature channel of ``feature_channels`` with one rasterization."""
         if not isinstance(camera, Cameras):
             return {}
-        crop_ids = None
+        crop_ids = self.render_filter()
         if self.crop_box is not None and not self.training:
-            crop_ids = self.crop_box.within(self.means).squeeze()
+            inside = self.crop_box.within(self.means).squeeze()
+            crop_ids = inside if crop_ids is None else crop_ids & inside
+        if crop_ids is not None:
             if crop_ids.sum() == 0:
                 width, height = int(camera.width.item()), int(camera.height.item())
                 return self.get_empty_outputs(width, height, self.background_color)

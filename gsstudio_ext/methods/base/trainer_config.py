@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, Mapping, Optional
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
@@ -49,8 +50,10 @@ def gaussian_trainer_config(
     datamanager: Optional[SidecarDataManagerConfig] = None,
     max_steps: int = 30000,
     extra_lrs: Optional[Mapping[str, float]] = None,
+    pipeline: Optional[VanillaPipelineConfig] = None,
 ) -> TrainerConfig:
-    """A TrainerConfig shaped like nerfstudio's ``splatfacto`` method, on the sidecar-aware data manager.
+    """A TrainerConfig shaped like nerfstudio's ``splatfacto`` method, on the sidecar-aware data manager (a
+    ``pipeline`` config of a VanillaPipeline subclass is filled in with ``datamanager`` and ``model``).
 
     The device defaults to CUDA when one is visible and to the CPU otherwise, so ``ns-train`` works on both.
     """
@@ -63,7 +66,8 @@ def gaussian_trainer_config(
         steps_per_eval_all_images=1000,
         max_num_iterations=max_steps,
         mixed_precision=False,
-        pipeline=VanillaPipelineConfig(
+        pipeline=replace(
+            pipeline or VanillaPipelineConfig(),
             datamanager=datamanager if datamanager is not None else SidecarDataManagerConfig(),
             model=model,
         ),
