@@ -41,9 +41,13 @@ class QueryState:
     relevancy: Optional[Tensor] = None
     history: List[Tuple[Optional[Tensor], Optional[Tensor]]] = field(default_factory=list)
 
+    max_undo: int = 32
+    """Undo steps kept (each holds an [N] mask)."""
+
     def push(self, selection: Optional[Tensor], relevancy: Optional[Tensor] = None) -> None:
         """Make ``selection`` current; the previous one can be restored by :meth:`undo`."""
         self.history.append((self.selection, self.relevancy))
+        del self.history[: -self.max_undo]
         self.selection, self.relevancy = selection, relevancy
 
     def undo(self) -> bool:
