@@ -1,0 +1,1 @@
+"""referspat-ext: referring segmentation of Gaussians from natural-language expressions (ReferSplat)."""
