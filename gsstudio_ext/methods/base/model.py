@@ -201,10 +201,9 @@ class FeatureSplatfactoModel(SplatfactoModel):
         if self.crop_box is not None and not self.training:
             inside = self.crop_box.within(self.means).squeeze()
             crop_ids = inside if crop_ids is None else crop_ids & inside
-        if crop_ids is not None:
-            if crop_ids.sum() == 0:
-                width, height = int(camera.width.item()), int(camera.height.item())
-                return self.get_empty_outputs(width, height, self.background_color)
+        if crop_ids is not None and not bool(crop_ids.any()):
+            width, height = int(camera.width.item()), int(camera.height.item())
+            return self.get_empty_outputs(width, height, self.background_color)
         pick = (lambda t: t) if crop_ids is None else (lambda t: t[crop_ids])
         viewmat, K, width, height = self._view(camera)
         self.last_size = (height, width)
