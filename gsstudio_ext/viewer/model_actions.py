@@ -1,4 +1,4 @@
-"""The query panel's actions for a model with the gsstudio_ext selection API (``text_query``, ``click_query``,
+"""The query panel's actions for a model with the gsstudio_ext selection API (``text_query``, ``point_query``,
 ``query_state``, ``config.query.mode``), found by duck typing so that the viewer layer imports no method."""
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def model_actions(model: Any, export: Optional[Callable[[Path], int]] = None) ->
         model.text_query(text, negatives, threshold)
 
     def click(camera: Cameras, x: int, y: int, add: bool) -> Optional[Tensor]:
-        point = rendered_point(model, camera, x, y)
+        point = rendered_point(model, camera, x, y)  # one render of the tiny ray camera
         if point is not None:
-            model.click_query(camera.to(model.device), x, y, add=add)
+            model.point_query(point, add=add)
         return point
 
     def set_mode(mode: str) -> None:

@@ -88,7 +88,6 @@ def _object_centre_pixel(mask: torch.Tensor) -> tuple:
 def test_click_on_each_object_selects_it(trained):
     """Clicking the centre of each object in a held-out view selects Gaussians that render to its GT mask."""
     from gsstudio_ext.core.metrics import mask_iou
-    from gsstudio_ext.methods.ag2aussian.queries import select_by_click
 
     trainer, _ = trained
     pipeline = trainer.pipeline
@@ -99,7 +98,7 @@ def test_click_on_each_object_selects_it(trained):
         if mask.sum() < 20:
             continue
         x, y = _object_centre_pixel(mask)
-        model.selection = select_by_click(model, camera, x, y)
+        model.click_query(camera, x, y)
         model.eval()
         rendered = model.get_outputs_for_camera(camera)["selection"][..., 0] > 0.5
         ious[object_id] = mask_iou(rendered.cpu().numpy(), mask.cpu().numpy())

@@ -36,7 +36,7 @@ from gsstudio_ext.methods.ag2aussian.language import (
     encode_query,
     match_text,
 )
-from gsstudio_ext.methods.ag2aussian.queries import QueryConfig, QueryState, select_by_click
+from gsstudio_ext.methods.ag2aussian.queries import QueryConfig, QueryState, click_point, select_by_point
 from gsstudio_ext.methods.ag2aussian.strategy import AnchorStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig
 from gsstudio_ext.methods.base.scene_export import export_selection
@@ -300,7 +300,15 @@ class AG2Model(FeatureSplatfactoModel):
     @torch.no_grad()
     def click_query(self, camera, x: int, y: int, add: bool = False) -> Tensor:
         """Select the instance under pixel (x, y) of ``camera`` (added to the current selection with ``add``)."""
-        selected = select_by_click(self, camera, x, y)
+        return self.point_query(click_point(self, camera, x, y), add)
+
+    @torch.no_grad()
+    def point_query(self, point: Optional[Tensor], add: bool = False) -> Tensor:
+        """Select the instance at a clicked 3D ``point`` (None, a click on nothing, selects nothing)."""
+        if point is None:
+            selected = torch.zeros(self.num_points, dtype=torch.bool, device=self.device)
+        else:
+            selected = select_by_point(self, point)
         if add and self.selection is not None and self.selection.shape == selected.shape:
             selected = selected | self.selection.to(selected.device)
         self.query_state.push(selected)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from gsstudio_ext.core.selection import gaussians_of
 from gsstudio_ext.methods.ag2aussian.index import anchor_centers, grow_from_point
-from gsstudio_ext.viewer.ray_camera import pixel_to_world
+from gsstudio_ext.viewer.model_actions import rendered_point
 
 QueryMode = Literal["highlight", "isolate", "remove"]
 
@@ -58,20 +58,12 @@ class QueryState:
         return True
 
 
-@torch.no_grad()
 def click_point(model, camera: Cameras, x: int, y: int) -> Optional[Tensor]:
     """World point [3] under pixel (x, y) of ``camera`` from the rendered depth; None if the pixel shows nothing."""
-    camera = camera.to(model.device)
-    was_training = model.training
-    model.eval()
-    outputs = model.get_outputs_for_camera(camera)
-    model.train(was_training)
-    height, width = outputs["accumulation"].shape[:2]
+    width, height = int(camera.width.flatten()[0]), int(camera.height.flatten()[0])
     if not (0 <= x < width and 0 <= y < height):
         raise ValueError(f"click ({x}, {y}) is outside the {width}x{height} image")
-    if float(outputs["accumulation"][y, x, 0]) < 0.5:
-        return None
-    return pixel_to_world(camera, x, y, float(outputs["depth"][y, x, 0]))
+    return rendered_point(model, camera, x, y)
 
 
 @torch.no_grad()
@@ -82,12 +74,3 @@ def select_by_point(model, point: Tensor) -> Tensor:
     anchors = grow_from_point(model.anchor_index, centers, params["anchor_feat"].detach(), point,
                               model.config.graph_settings)  # fmt: skip
     return gaussians_of(anchors, params["point2anchor"])
-
-
-@torch.no_grad()
-def select_by_click(model, camera: Cameras, x: int, y: int) -> Tensor:
-    """Children [N] bool selected by clicking pixel (x, y) of ``camera`` (empty if the pixel shows nothing)."""
-    point = click_point(model, camera, x, y)
-    if point is None:
-        return torch.zeros(model.num_points, dtype=torch.bool, device=model.device)
-    return select_by_point(model, point)
