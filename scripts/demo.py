@@ -1,6 +1,7 @@
-"""Main job: make the default synthetic scene, train ag2aussian-ext on it, run a text and a click query, export.
+"""Main job: make the default synthetic scene, train ag2aussian-ext on it, run a text and a click query, export;
+then train referspat-ext on the frozen result and render a referring expression.
 
-    .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300] [--query duck]
+    .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300] [--query duck] [--expression "the red car"]
 
 Writes under <out>:
 - scene/            the gs-synth dataset, with instance masks and label embeddings (gs-preprocess, offline MiniLM);
@@ -10,7 +11,9 @@ Writes under <out>:
 - query/            gs-query output for the text query: selection/, relevancy/, rgb/ PNGs per held-out view;
 - click/            the selection mask of a click on the centre of an object in the first held-out view;
 - renders/          ground truth | render | depth | instances of every held-out view;
-- <query>.ply       the Gaussians the text query selects; scene_instances.ply the whole scene with instance_id.
+- <query>.ply       the Gaussians the text query selects; scene_instances.ply the whole scene with instance_id;
+- refer_runs/       the referspat-ext run (paraphrases and spatial expressions held out of training);
+- refer_eval/       its per-(view, expression) results (referring.json); refer_query/ gs-query of --expression.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from gsstudio_ext.data.synthetic.config import SynthConfig
 from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
 from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
 from gsstudio_ext.methods.base.training import prepare_config, train
+from gsstudio_ext.methods.referspat.config import SHORT_LRS as REFER_LRS
+from gsstudio_ext.methods.referspat.config import SHORT_SCHEDULE as REFER_SCHEDULE
+from gsstudio_ext.methods.referspat.config import refer_trainer_config
+from gsstudio_ext.methods.referspat.model import ReferModelConfig
 
 
 @dataclass
@@ -50,6 +57,28 @@ class DemoArgs:
     """Text query to render and export (an object name of the default scene: mug, car, duck, chair ...)."""
     device: str = "cpu"
     """Device to train on (cpu or cuda)."""
+    refer_steps: int = 150
+    """referspat-ext training steps (0 skips the referring stage)."""
+    expression: str = "the red car"
+    """Referring expression to render with gs-query."""
+
+
+HELD_OUT_KINDS = ("paraphrase", "left_right", "front_behind")
+"""Expression kinds the demo's referspat-ext run does not train on, to show how it generalises."""
+
+
+def referring_stage(args: DemoArgs, scene: Path, ag2_config: Path) -> dict:
+    """Train referspat-ext on the frozen ag2aussian-ext scene; its metrics and a gs-query of ``args.expression``."""
+    model = ReferModelConfig(scene=ag2_config, held_out_kinds=HELD_OUT_KINDS, **REFER_SCHEDULE)
+    config = refer_trainer_config(model, max_steps=args.refer_steps, **REFER_LRS)
+    config = prepare_config(config, scene, args.out / "refer_runs", max_steps=args.refer_steps, device=args.device)
+    trainer, config_path = train(config)
+    with torch.no_grad():
+        metrics = trainer.pipeline.get_average_eval_image_metrics(output_path=args.out / "refer_eval")
+    query = gs_query.run(gs_query.QueryCommand(config_path, args.expression, args.out / "refer_query"))
+    referring = {k.split("/")[-1]: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("referring")}
+    return {"config": str(config_path), "held_out_kinds": list(HELD_OUT_KINDS), "metrics": referring,
+            "expression": args.expression, "selected_gaussians": query["num_selected"]}  # fmt: skip
 
 
 def save_renders(pipeline, folder: Path) -> list[Path]:
@@ -122,8 +151,10 @@ def main(args: DemoArgs) -> None:
         "gaussians": int(pipeline.model.num_points),
         "text_query": {"query": args.query, "selected_gaussians": selected.num_selected, "ply": str(selection_ply)},
         "click_query": click,
-        "wall_time_s": round(time.time() - start, 1),
     }
+    if args.refer_steps > 0:
+        report["referspat"] = referring_stage(args, scene, config_path)
+    report["wall_time_s"] = round(time.time() - start, 1)
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
     og = {k.split("/")[-1]: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("opengaussian")}
     print(f"\nscene:        {scene}\nrun:          {config_path}\nmetrics:      {args.out / 'eval.json'}")
@@ -134,6 +165,12 @@ def main(args: DemoArgs) -> None:
     print(f"exports:      {selection_ply} ({selected.num_written} Gaussians), {whole.path} (with instance_id)")
     print(f"renders:      {len(renders)} PNGs in {args.out / 'renders'}")
     print(f"view it:      .venv/bin/ns-viewer --load-config {config_path}")
+    if "referspat" in report:
+        refer = report["referspat"]
+        scores = {k: round(v, 3) for k, v in refer["metrics"].items()}
+        print(f"\nreferspat-ext: {refer['config']}\nreferring:    {scores} (mIoU over (held-out view, expression))")
+        print(f"expression:   {args.expression!r} -> {refer['selected_gaussians']} Gaussians, masks in "
+              f"{args.out / 'refer_query'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -86,3 +86,24 @@ def ag2_run(default_scene: Path, tmp_path_factory: pytest.TempPathFactory):
     config.pipeline.datamanager.sidecars = ("instances", "embeddings")
     config = prepare_config(config, scene, tmp_path_factory.mktemp("ag2"), max_steps=AG2_STEPS, device="cpu")
     return train(config)
+
+
+REFER_STEPS = 150
+REFER_HELD_OUT = ("paraphrase", "left_right", "front_behind")
+
+
+@pytest.fixture(scope="session")
+def refer_run(ag2_run, tmp_path_factory: pytest.TempPathFactory):
+    """(trainer, config.yml) of referspat-ext trained on the frozen ``ag2_run`` scene (its checkpoint) with
+    paraphrases and spatial expressions held out of training; shared by the method, CLI and viewer tests. Tests that
+    change the model's query state must restore it."""
+    from gsstudio_ext.methods.base.training import prepare_config, train
+    from gsstudio_ext.methods.referspat.config import SHORT_LRS, SHORT_SCHEDULE, refer_trainer_config
+    from gsstudio_ext.methods.referspat.model import ReferModelConfig
+
+    _, ag2_config = ag2_run
+    model = ReferModelConfig(scene=ag2_config, held_out_kinds=REFER_HELD_OUT, **SHORT_SCHEDULE)
+    config = refer_trainer_config(model, max_steps=REFER_STEPS, **SHORT_LRS)
+    data = ag2_run[0].pipeline.datamanager.config.data
+    config = prepare_config(config, data, tmp_path_factory.mktemp("refer"), max_steps=REFER_STEPS, device="cpu")
+    return train(config)

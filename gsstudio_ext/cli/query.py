@@ -5,13 +5,15 @@ Examples::
     gs-query --load-config outputs/scene/ag2aussian-ext/run/config.yml --query mug --output-dir renders/mug
     gs-query --load-config RUN/config.yml --query plant --negatives table --split train --outputs selection rgb
     gs-query --load-config RUN/config.yml --query duck --camera-path RUN/camera_paths/orbit.json --output-dir out
+    gs-query --load-config outputs/scene/referspat-ext/run/config.yml --query "the mug left of the duck" --output-dir o
 
 Files written (the layout of ``ns-render dataset``: one folder per output, one image per frame)::
 
     DIR/selection/<frame>.png   mask of the selected Gaussians: 255 where their rendered coverage >= --mask-threshold,
-                                else 0 (8-bit grey)
+                                else 0 (8-bit grey); referspat-ext: its rendered referring mask
     DIR/relevancy/<frame>.png   relevancy of what each pixel shows, 8-bit grey (255 = 1.0, clamped to 0..1; without
-                                --negatives it is the cosine similarity to the query)
+                                --negatives it is the cosine similarity to the query; referspat-ext: the rendered
+                                referring probability)
     DIR/rgb/<frame>.png         the colour render, the selection shown per --mode
     DIR/query.json              query, embedding provider, number of selected Gaussians, frames and files written
 
@@ -172,6 +174,12 @@ def _unique(stems: List[str]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------- images
 
 
+def named_outputs(model, rendered: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The render with gs-query's names added for models that call them otherwise (``model.query_outputs``)."""
+    aliases = getattr(model, "query_outputs", {})
+    return {**rendered, **{name: rendered[own] for name, own in aliases.items() if own in rendered}}
+
+
 def output_image(name: str, outputs: Dict[str, Tensor], mask_threshold: float) -> np.ndarray:
     """8-bit image of one output: selection 0/255 mask [H, W], relevancy grey [H, W], rgb [H, W, 3]."""
     if name not in outputs:
@@ -231,7 +239,7 @@ def run(cmd: QueryCommand) -> Dict[str, Any]:
                     rendered = model.get_outputs_for_camera(camera)
                 record: Dict[str, Any] = {"frame": frames[index], "files": {}}
                 for name in outputs:
-                    image = output_image(name, rendered, cmd.mask_threshold)
+                    image = output_image(name, named_outputs(model, rendered), cmd.mask_threshold)
                     relative = f"{name}/{frames[index]}.png"
                     Image.fromarray(image).save(out_dir / relative)
                     record["files"][name] = relative
@@ -246,7 +254,14 @@ def run(cmd: QueryCommand) -> Dict[str, Any]:
     summary: Dict[str, Any] = {
         "query": cmd.query,
         "negatives": list(cmd.negatives),
-        "threshold": cmd.threshold if cmd.threshold is not None else getattr(settings, "threshold", None),
+        "threshold": next(
+            (
+                t
+                for t in (cmd.threshold, getattr(settings, "threshold", None), model.config.query.threshold)
+                if t is not None
+            ),
+            None,
+        ),  # fmt: skip
         "provider": query_provider(model),
         "method": config.method_name,
         "load_config": str(cmd.load_config),

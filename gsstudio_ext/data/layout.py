@@ -16,9 +16,12 @@ optional sidecar files keyed by image stem, all under ``<dataset>/sidecars/``:
     uint16 PNG, per-pixel part id (0 = no part).
 ``sidecars/expressions.json``
     ``[{"id", "text", "object_ids": [...], "kind", "frames": [stems]}]``: referring expressions and the frames in
-    which their targets are visible. ``kind`` is one of name, colour, size, left_right, front_behind, paraphrase.
+    which their targets are visible. ``kind`` is one of name, colour, size, left_right, front_behind, paraphrase,
+    pseudo (detector masks written by gs-refer-masks).
 ``sidecars/preprocess.json``
     gs-preprocess's cache manifest; ``"instance_ids": "masks"`` marks instance ids as per-image mask numbers.
+``sidecars/referring_masks.json``
+    gs-refer-masks's cache manifest (detector + SAM pseudo masks of referring expressions).
 ``sidecars/embeddings/<stem>.npz``
     ``ids`` int32 [K] mask ids matching ``instances``, ``features`` float16/float32 [K, D], ``provider`` str.
 """

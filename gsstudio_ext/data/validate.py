@@ -35,7 +35,8 @@ SIDECAR_KINDS: Tuple[str, ...] = ("instances", "semantics", "parts", "expression
 """Every sidecar kind a dataset may carry."""
 PER_IMAGE_KINDS: Tuple[str, ...] = ("instances", "semantics", "parts", "embeddings")
 """Kinds stored as one file per image stem."""
-EXPRESSION_KINDS = frozenset({"name", "colour", "size", "left_right", "front_behind", "paraphrase"})
+EXPRESSION_KINDS = frozenset({"name", "colour", "size", "left_right", "front_behind", "paraphrase", "pseudo"})
+"""Values of an expression's ``kind``: gs-synth's templates, plus "pseudo" (gs-refer-masks: detector masks)."""
 MAX_LISTED_PROBLEMS = 200
 """The preprocessing manifest in ``sidecars/`` (written by gs-preprocess, :mod:`gsstudio_ext.data.preprocess`)."""
 INSTANCE_ID_KINDS: Tuple[str, ...] = ("objects", "masks")

@@ -154,53 +154,71 @@ class MaskGenerator(LazyProvider):
 # released SAM checkpoints
 # ======================================================================================================================
 @dataclass
-class SamAutomaticConfig(MaskGeneratorConfig):
-    """Segment Anything (SAM 1) automatic mask generation from a local checkpoint (AG2aussian: ViT-H)."""
+class SamWeightsConfig:
+    """Which released SAM checkpoint to load (shared by the automatic and the box-prompted backends)."""
 
-    _target: Type = field(default_factory=lambda: SamAutomaticGenerator)
     checkpoint: Optional[Path] = None
     """Path to the SAM checkpoint, e.g. sam_vit_h_4b8939.pth (required)."""
     model_type: str = "vit_h"
     """SAM backbone matching the checkpoint: vit_h, vit_l or vit_b."""
 
 
+def sam_weights_how(config: SamWeightsConfig) -> str:
+    """How to obtain the checkpoint named by ``config`` (for MissingWeightsError)."""
+    name = SAM_CHECKPOINTS.get(config.model_type, SAM_CHECKPOINTS["vit_h"])
+    return f"download {SAM_URL}{name} (2.4 GB for vit_h) and set {type(config).__name__}.checkpoint to its path"
+
+
+def load_sam(config: SamWeightsConfig) -> torch.nn.Module:
+    """The segment_anything ``Sam`` of ``config.model_type`` with the checkpoint's weights, on CPU.
+
+    Raises:
+        MissingWeightsError: no checkpoint set, or the file does not exist.
+        ValueError: unknown model_type, or a checkpoint of another backbone.
+    """
+    from segment_anything import sam_model_registry
+
+    c = config
+    if c.model_type not in sam_model_registry:
+        raise ValueError(f"unknown SAM model_type {c.model_type!r}; choose one of {sorted(sam_model_registry)}")
+    weight = SAM_CHECKPOINTS.get(c.model_type, f"SAM {c.model_type} checkpoint")
+    how = sam_weights_how(c)
+    if c.checkpoint is None:
+        raise MissingWeightsError(weight, f"({type(c).__name__}.checkpoint is not set)", how)
+    path = require_path(c.checkpoint, weight=weight, how=how)
+    sam = sam_model_registry[c.model_type](checkpoint=None)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {path} does not fit SAM model_type {c.model_type!r} "
+            f"(expected {weight}); set model_type to the checkpoint's backbone"
+        ) from err
+    return sam
+
+
+@dataclass
+class SamAutomaticConfig(SamWeightsConfig, MaskGeneratorConfig):
+    """Segment Anything (SAM 1) automatic mask generation from a local checkpoint (AG2aussian: ViT-H)."""
+
+    _target: Type = field(default_factory=lambda: SamAutomaticGenerator)
+
+
 class SamAutomaticGenerator(MaskGenerator):
     config: SamAutomaticConfig
 
-    def _how(self) -> str:
-        name = SAM_CHECKPOINTS.get(self.config.model_type, SAM_CHECKPOINTS["vit_h"])
-        return f"download {SAM_URL}{name} (2.4 GB for vit_h) and set SamAutomaticConfig.checkpoint to its path"
-
     def _build(self) -> torch.nn.Module:
-        from segment_anything import sam_model_registry
-
-        c = self.config
-        if c.model_type not in sam_model_registry:
-            raise ValueError(f"unknown SAM model_type {c.model_type!r}; choose one of {sorted(sam_model_registry)}")
-        weight = SAM_CHECKPOINTS.get(c.model_type, f"SAM {c.model_type} checkpoint")
-        if c.checkpoint is None:
-            raise MissingWeightsError(weight, "(SamAutomaticConfig.checkpoint is not set)", self._how())
-        path = require_path(c.checkpoint, weight=weight, how=self._how())
-        sam = sam_model_registry[c.model_type](checkpoint=None)
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        try:
-            sam.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {path} does not fit SAM model_type {c.model_type!r} "
-                f"(expected {weight}); set model_type to the checkpoint's backbone"
-            ) from err
-        return sam
+        return load_sam(self.config)
 
 
 # ======================================================================================================================
 # tiny random SAM (tests)
 # ======================================================================================================================
 @dataclass
-class TinySamConfig(MaskGeneratorConfig):
-    """A real segment_anything Sam with tiny dimensions and seeded random weights; for tests (random masks)."""
+class TinySamWeightsConfig:
+    """Dimensions and seed of a real segment_anything Sam with tiny sizes and random weights (tests)."""
 
-    _target: Type = field(default_factory=lambda: TinySamGenerator)
     image_size: int = 64
     """Side of SAM's padded square input (the long image side is resized to this)."""
     patch_size: int = 8
@@ -215,6 +233,58 @@ class TinySamConfig(MaskGeneratorConfig):
     """Heads in the encoder and the decoder transformer."""
     seed: int = 0
     """Seed of the random weights."""
+
+
+def build_tiny_sam(config: TinySamWeightsConfig) -> torch.nn.Module:
+    """A segment_anything ``Sam`` with the dimensions of ``config`` and weights seeded by ``config.seed``."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    c = config
+    if c.image_size % c.patch_size or c.prompt_dim % 8:
+        raise ValueError("image_size must be a multiple of patch_size and prompt_dim a multiple of 8")
+    grid = c.image_size // c.patch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(c.seed)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=c.image_size,
+                patch_size=c.patch_size,
+                embed_dim=c.encoder_dim,
+                depth=c.encoder_depth,
+                num_heads=c.num_heads,
+                mlp_ratio=2.0,
+                out_chans=c.prompt_dim,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                qkv_bias=True,
+                use_rel_pos=True,
+                window_size=0,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=c.prompt_dim,
+                image_embedding_size=(grid, grid),
+                input_image_size=(c.image_size, c.image_size),
+                mask_in_chans=4,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(
+                    depth=1, embedding_dim=c.prompt_dim, mlp_dim=2 * c.prompt_dim, num_heads=c.num_heads
+                ),
+                transformer_dim=c.prompt_dim,
+                iou_head_depth=2,
+                iou_head_hidden_dim=c.prompt_dim,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+    return sam
+
+
+@dataclass
+class TinySamConfig(TinySamWeightsConfig, MaskGeneratorConfig):
+    """A real segment_anything Sam with tiny dimensions and seeded random weights; for tests (random masks)."""
+
+    _target: Type = field(default_factory=lambda: TinySamGenerator)
     points_per_side: int = 4
     """Point prompts per image side (small: the tiny model runs in tests)."""
     pred_iou_thresh: float = 0.0
@@ -227,44 +297,4 @@ class TinySamGenerator(MaskGenerator):
     config: TinySamConfig
 
     def _build(self) -> torch.nn.Module:
-        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-        c = self.config
-        if c.image_size % c.patch_size or c.prompt_dim % 8:
-            raise ValueError("image_size must be a multiple of patch_size and prompt_dim a multiple of 8")
-        grid = c.image_size // c.patch_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
-            sam = Sam(
-                image_encoder=ImageEncoderViT(
-                    img_size=c.image_size,
-                    patch_size=c.patch_size,
-                    embed_dim=c.encoder_dim,
-                    depth=c.encoder_depth,
-                    num_heads=c.num_heads,
-                    mlp_ratio=2.0,
-                    out_chans=c.prompt_dim,
-                    norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                    qkv_bias=True,
-                    use_rel_pos=True,
-                    window_size=0,
-                ),
-                prompt_encoder=PromptEncoder(
-                    embed_dim=c.prompt_dim,
-                    image_embedding_size=(grid, grid),
-                    input_image_size=(c.image_size, c.image_size),
-                    mask_in_chans=4,
-                ),
-                mask_decoder=MaskDecoder(
-                    num_multimask_outputs=3,
-                    transformer=TwoWayTransformer(
-                        depth=1, embedding_dim=c.prompt_dim, mlp_dim=2 * c.prompt_dim, num_heads=c.num_heads
-                    ),
-                    transformer_dim=c.prompt_dim,
-                    iou_head_depth=2,
-                    iou_head_hidden_dim=c.prompt_dim,
-                ),
-                pixel_mean=[123.675, 116.28, 103.53],
-                pixel_std=[58.395, 57.12, 57.375],
-            )
-        return sam
+        return build_tiny_sam(self.config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
+from gsstudio_ext.models.box_masks import BoxSegmenterConfig, SamBoxConfig, TinySamBoxConfig
+from gsstudio_ext.models.detection import DetectorConfig, GroundingDinoConfig, TinyGroundingDinoConfig
 from gsstudio_ext.models.image_text import ImageTextEncoderConfig, OpenCLIPImageTextConfig, TinyImageTextConfig
 from gsstudio_ext.models.masks import MaskGeneratorConfig, SamAutomaticConfig, TinySamConfig
 from gsstudio_ext.models.text import (
@@ -37,6 +39,14 @@ MASK_GENERATORS: Dict[str, Callable[[], MaskGeneratorConfig]] = {
     "sam-coarse": _sam_coarse,
     "tiny": TinySamConfig,
 }
+DETECTORS: Dict[str, Callable[[], DetectorConfig]] = {
+    "grounding-dino": GroundingDinoConfig,
+    "tiny": TinyGroundingDinoConfig,
+}
+BOX_SEGMENTERS: Dict[str, Callable[[], BoxSegmenterConfig]] = {
+    "sam": SamBoxConfig,
+    "tiny": TinySamBoxConfig,
+}
 
 
 def _make(kind: str, table: Dict[str, Callable[[], Any]], name: str, overrides: Dict[str, Any]) -> Any:
@@ -63,3 +73,13 @@ def image_text_encoder_config(name: str = "openclip", **overrides: Any) -> Image
 def mask_generator_config(name: str = "sam", **overrides: Any) -> MaskGeneratorConfig:
     """Config of a mask generator by name (sam, sam-coarse, tiny), with field overrides."""
     return _make("mask generator", MASK_GENERATORS, name, overrides)
+
+
+def detector_config(name: str = "grounding-dino", **overrides: Any) -> DetectorConfig:
+    """Config of an open-vocabulary box detector by name (grounding-dino, tiny), with field overrides."""
+    return _make("detector", DETECTORS, name, overrides)
+
+
+def box_segmenter_config(name: str = "sam", **overrides: Any) -> BoxSegmenterConfig:
+    """Config of a box-prompted segmenter by name (sam, tiny), with field overrides."""
+    return _make("box segmenter", BOX_SEGMENTERS, name, overrides)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
-from gsstudio_ext.models.errors import MissingWeightsError, hf_cache_dir, looks_like_path, require_path
+from gsstudio_ext.models.errors import MissingWeightsError, require_path
+from gsstudio_ext.models.hub import from_pretrained, hub_how
 from gsstudio_ext.models.image_text import OpenCLIPWeightsConfig, load_openclip, openclip_embed_dim
 from gsstudio_ext.models.provider import Device, LazyProvider
 
@@ -283,31 +284,10 @@ class BertTextEncoder(_HFTextEncoder):
         super().__init__(config, device)
         self._hidden: Optional[int] = None
 
-    def _how(self) -> str:
-        name = self.config.model_name_or_path
-        return (
-            f"run `huggingface-cli download {name}` (https://huggingface.co/{name}) on a machine with network, "
-            "then copy the HF cache here; or set BertTextConfig.model_name_or_path to a local folder; "
-            "or set BertTextConfig.allow_download=True"
-        )
-
-    def _source(self) -> Tuple[str, bool]:
-        """(name or folder, local_files_only); a path-like name must exist."""
-        name = self.config.model_name_or_path
-        if looks_like_path(name):
-            folder = require_path(name, weight=f"transformers model folder {name}", how=self._how(), is_dir=True)
-            return str(folder), True
-        return name, not self.config.allow_download
-
     def _from_pretrained(self, cls: Any) -> Any:
-        name, local_only = self._source()
-        cache = str(self.config.cache_dir) if self.config.cache_dir is not None else None
-        try:
-            return cls.from_pretrained(name, local_files_only=local_only, cache_dir=cache)
-        except (OSError, ValueError) as err:
-            where = name if looks_like_path(name) else (cache or hf_cache_dir())
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise MissingWeightsError(self.config.model_name_or_path, where, self._how(), reason=reason) from err
+        c = self.config
+        how = hub_how(c.model_name_or_path, "BertTextConfig")
+        return from_pretrained(cls, c.model_name_or_path, c.allow_download, c.cache_dir, how)
 
     @property
     def dim(self) -> int:

@@ -1,5 +1,6 @@
-"""The query panel's actions for a model with the gsstudio_ext selection API (``text_query``, ``point_query``,
-``query_state``, ``config.query.mode``), found by duck typing so that the viewer layer imports no method."""
+"""The query panel's actions for a model with the gsstudio_ext selection API (``text_query``, ``query_state``,
+``config.query.mode``, and ``point_query`` where clicks select), found by duck typing so that the viewer layer
+imports no method."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def model_actions(model: Any, export: Optional[Callable[[Path], int]] = None) ->
         text_query=text_query,
         clear=lambda: model.query_state.push(None),
         set_mode=set_mode,
-        click=click,
+        click=click if callable(getattr(model, "point_query", None)) else None,
         undo=model.query_state.undo,
         export=export,
         selection_size=selection_size,

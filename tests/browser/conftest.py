@@ -1,5 +1,5 @@
-"""Browser-test fixtures: nerfstudio's viser viewer for the trained ``ag2_run`` pipeline on a free 127.0.0.1 port,
-with the query panel attached, and a headless Debian Chromium (software WebGL) driven by Playwright.
+"""Browser-test fixtures: nerfstudio's viser viewer for a trained run's pipeline on a free 127.0.0.1 port, with
+the model's query panel, and a headless Debian Chromium (software WebGL) driven by Playwright.
 
 No browser is downloaded: Playwright drives the system binary. Requests that do not go to 127.0.0.1 are aborted
 in the page (the viewer's title bar links to nerf.studio images), so the tests never touch a network.
@@ -7,6 +7,7 @@ in the page (the viewer's title bar links to nerf.studio images), so the tests n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -54,32 +55,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_selection(model: Any) -> Callable[[Path], int]:
-    """Export action for the tests: the selected children of an ag2aussian-ext model as a 3DGS .ply (core)."""
-    from gsstudio_ext.core.ply import write_ply
-    from gsstudio_ext.core.scene import GaussianScene
-
-    def export(path: Path) -> int:
-        selection = model.query_state.selection
-        if selection is None or not bool(selection.any()):
-            raise ValueError("nothing selected to export")
-        params = model.gauss_params
-        scene = GaussianScene.from_splatfacto_params(
-            {
-                "means": model.means,
-                "scales": params["scales"],
-                "quats": params["quats"],
-                "features_dc": params["features_dc"],
-                "features_rest": params["features_rest"],
-                "opacities": params["opacities"],
-            }
-        ).subset(selection.cpu())
-        write_ply(path, scene.detach().to("cpu"), comments=["gsstudio_ext viewer selection"])
-        return scene.num_gaussians
-
-    return export
-
-
 @dataclass
 class ViewerRun:
     """A running viewer of the ag2 run: the nerfstudio Viewer, its pipeline's model, the panel and the URL."""
@@ -94,31 +69,18 @@ class ViewerRun:
     """(time, height, width) of every image the viewer sent to the browser (see ``count_frames``)."""
 
 
-@pytest.fixture(scope="module")
-def ag2_viewer(ag2_run) -> Iterator[ViewerRun]:
-    """nerfstudio's Viewer for the finished ``ag2_run`` pipeline on 127.0.0.1 (a free port), with a QueryPanel
-    and ViewerControl set on the model before the Viewer is built (as the model's populate_modules would)."""
+@contextlib.contextmanager
+def open_viewer(trainer: Any, config_path: Path) -> Iterator[ViewerRun]:
+    """nerfstudio's Viewer for a finished run's pipeline on 127.0.0.1 (a free port); the model's own query panel
+    and ViewerControl are found by the Viewer. The model's query state and mode are restored afterwards."""
     from nerfstudio.viewer.viewer import Viewer
-    from nerfstudio.viewer.viewer_elements import ViewerControl
 
-    from gsstudio_ext.viewer.model_actions import model_actions
-    from gsstudio_ext.viewer.query_panel import QueryPanel
-
-    trainer, config_path = ag2_run
     config = trainer.config
     pipeline = trainer.pipeline
     model = pipeline.model
     state = model.query_state
-    saved = (state.selection, state.relevancy, list(state.history), model.config.query.mode, model.training)
-    attached = not hasattr(model, "query_panel")
-    if attached:  # the lead wires the panel into the model; until then attach it here
-        model.viewer_control = ViewerControl()
-        model.query_panel = QueryPanel(
-            model_actions(model, export=write_selection(model)),
-            model.viewer_control,
-            threshold=model.config.text_query_settings.threshold,
-            mode=model.config.query.mode,
-        )
+    saved = (state.selection, state.relevancy, state.query, list(state.history), model.config.query.mode)
+    was_training = model.training
     viewer_config = config.viewer
     viewer_config.websocket_host, viewer_config.websocket_port = "127.0.0.1", free_port()
     run_dir = Path(config_path).parent
@@ -138,11 +100,16 @@ def ag2_viewer(ag2_run) -> Iterator[ViewerRun]:
             machine.running = False
         viewer.viser_server.stop()
         shutil.rmtree(run_dir / "exports", ignore_errors=True)
-        if attached:
-            del model.query_panel, model.viewer_control
-        state.selection, state.relevancy, state.history = saved[0], saved[1], saved[2]
-        model.config.query.mode = saved[3]
-        model.train(saved[4])
+        state.selection, state.relevancy, state.query, state.history = saved[0], saved[1], saved[2], saved[3]
+        model.config.query.mode = saved[4]
+        model.train(was_training)
+
+
+@pytest.fixture(scope="module")
+def ag2_viewer(ag2_run) -> Iterator[ViewerRun]:
+    """The viewer of the shared ag2aussian-ext run."""
+    with open_viewer(*ag2_run) as run:
+        yield run
 
 
 def show_eval_view(run: ViewerRun) -> None:
@@ -174,9 +141,10 @@ def count_frames(run: ViewerRun) -> None:
         client.scene.set_background_image = recorded
 
 
-@pytest.fixture(scope="module")
-def browser_page(ag2_viewer: ViewerRun) -> Iterator[Any]:
-    """A headless Chromium page (software WebGL) showing the viewer, once the panel and a first image are there."""
+@contextlib.contextmanager
+def open_page(run: ViewerRun, ready_label: str = "Threshold") -> Iterator[Any]:
+    """A headless Chromium page (software WebGL) showing the viewer, once the panel (its ``ready_label``) is there;
+    the client's camera is set to the first held-out view."""
     binary = chromium_binary()
     if binary is None:
         pytest.skip("no Chromium binary (apt-get install chromium, or set GSSTUDIO_CHROMIUM)")
@@ -193,18 +161,24 @@ def browser_page(ag2_viewer: ViewerRun) -> Iterator[Any]:
         browser = playwright.chromium.launch(executable_path=binary, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)
         page.route("**/*", local_only)
-        page.goto(ag2_viewer.url)
-        page.get_by_text("Select by click").wait_for(timeout=60_000)
-        count_frames(ag2_viewer)
-        show_eval_view(ag2_viewer)
+        page.goto(run.url)
+        page.get_by_text(ready_label, exact=True).first.wait_for(timeout=60_000)
+        count_frames(run)
+        show_eval_view(run)
         try:
             yield page
         finally:
             browser.close()
     # the viewer's render thread for this client stops on disconnect
     deadline = time.monotonic() + 10
-    while ag2_viewer.viewer.render_statemachines and time.monotonic() < deadline:
+    while run.viewer.render_statemachines and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def browser_page(ag2_viewer: ViewerRun) -> Iterator[Any]:
+    with open_page(ag2_viewer, "Select by click") as page:
+        yield page
 
 
 @pytest.fixture(scope="module")

@@ -252,3 +252,31 @@ def test_export_splatfacto_run(splatfacto_run: Path, tmp_path: Path):
                       query.QueryError)  # fmt: skip
     assert "no text queries" in str(err)
     assert not (tmp_path / "q.ply").exists()
+
+
+@pytest.mark.slow
+def test_gs_query_renders_a_referring_expression(refer_run, tmp_path: Path):
+    """gs-query on a referspat-ext run: the referring mask of each test frame as the selection PNG."""
+    trainer, config_yml = refer_run
+    summary = query.main(["--load-config", str(config_yml), "--query", "the duck", "--output-dir", str(tmp_path)])
+    assert summary["method"] == "referspat-ext" and summary["threshold"] == 0.5 and summary["num_selected"] > 0
+    ious = []
+    for (_, batch), frame in zip(trainer.pipeline.datamanager.fixed_indices_eval_dataloader, summary["frames"]):
+        duck = batch["instance_masks"][batch["instance_ids"].tolist().index(5)].numpy()
+        mask = np.asarray(Image.open(tmp_path / frame["files"]["selection"])) > 127
+        relevancy = np.asarray(Image.open(tmp_path / frame["files"]["relevancy"]))
+        assert relevancy[duck].mean() > relevancy[~duck].mean() + 100
+        ious.append(mask_iou(mask, duck))
+    assert np.mean(ious) >= 0.5, ious
+    assert trainer.pipeline.model.selection is None
+
+
+@pytest.mark.slow
+def test_gs_export_writes_a_referring_selection(refer_run, tmp_path: Path):
+    trainer, config_yml = refer_run
+    expected = int(_text_query(trainer.pipeline.model, "the red car").sum())
+    out = tmp_path / "car.ply"
+    report = export.main(["--load-config", str(config_yml), "--output", str(out), "--query", "the red car"])
+    scene = read_ply(out)
+    assert report.num_selected == report.num_written == scene.num_gaussians == expected > 0
+    assert scene.extras["referring"].shape == (expected, 16)  # the learnt referring features travel along

@@ -1,6 +1,6 @@
 import torch
 
-from gsstudio_ext.methods.ag2aussian.queries import QueryState
+from gsstudio_ext.methods.base.queries import QueryState
 
 
 def test_query_state_undo_restores_selections_in_order_and_keeps_a_bounded_history() -> None:

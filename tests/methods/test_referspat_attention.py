@@ -56,3 +56,19 @@ def test_position_and_referring_features_both_shape_the_response_and_receive_gra
     assert all(p.grad is not None for p in model.parameters())
     moved = model(features.detach(), xyz + 1.0, words, mask).responses
     assert (moved - out.detach()).abs().max() > 1e-4  # the position branch matters
+
+
+def test_restricting_the_word_placement_equals_attending_over_the_subset_only() -> None:
+    """attend(..., among=mask) gives the masked Gaussians the responses they get when only they are given."""
+    features, xyz, words, mask = _inputs(n=60)
+    model = _model()
+    with torch.no_grad():  # make the word positions matter (random weights barely use them)
+        model.kp.weight.mul_(100.0)
+        model.text_mlp[-1].weight.mul_(10.0)
+    among = torch.rand(60, generator=torch.Generator().manual_seed(3)) > 0.4
+    with torch.no_grad():
+        subset = model(features[among], xyz[among], words, mask).responses
+        masked = model.attend(model.gaussian_terms(features, xyz), words, mask, among=among).responses
+    assert torch.allclose(masked[among], subset, atol=1e-5)
+    full = model(features, xyz, words, mask).responses.detach()
+    assert float((masked - full).abs().max()) > 1e-2  # the placement did change

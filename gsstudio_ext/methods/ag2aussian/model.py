@@ -36,9 +36,10 @@ from gsstudio_ext.methods.ag2aussian.language import (
     encode_query,
     match_text,
 )
-from gsstudio_ext.methods.ag2aussian.queries import QueryConfig, QueryState, click_point, select_by_point
+from gsstudio_ext.methods.ag2aussian.queries import click_point, select_by_point
 from gsstudio_ext.methods.ag2aussian.strategy import AnchorStrategy
-from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig
+from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
+from gsstudio_ext.methods.base.queries import QueryConfig, QueryState
 from gsstudio_ext.methods.base.scene_export import export_selection
 from gsstudio_ext.viewer.model_actions import model_actions
 from gsstudio_ext.viewer.query_panel import QueryPanel
@@ -355,7 +356,7 @@ class AG2Model(FeatureSplatfactoModel):
             return None
         return selection if self.config.query.mode == "isolate" else ~selection
 
-    def feature_channels(self, crop_ids: Optional[Tensor], viewmat: Tensor) -> "OrderedDict[str, Tensor]":
+    def feature_channels(self, crop_ids: Optional[Tensor], view: View) -> "OrderedDict[str, Tensor]":
         pick = (lambda t: t) if crop_ids is None else (lambda t: t[crop_ids])
         out: "OrderedDict[str, Tensor]" = OrderedDict(instance_feature=pick(self.instance_features()))
         if not self.training:
@@ -365,7 +366,8 @@ class AG2Model(FeatureSplatfactoModel):
                 if live is not None:
                     out[name] = pick(live.float()[:, None])
         if self.training and self.step >= self.config.distortion_from:
-            z = (pick(self.means) @ viewmat[0, :3, :3].T + viewmat[0, :3, 3])[:, 2]
+            viewmat = view.viewmat[0]
+            z = (pick(self.means) @ viewmat[:3, :3].T + viewmat[:3, 3])[:, 2]
             m = losses.ndc_depth(z, self.config.distortion_near, self.config.distortion_far)
             out["depth_moments"] = torch.stack([m, m * m], dim=-1)
         return out

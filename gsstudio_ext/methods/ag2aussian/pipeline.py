@@ -9,7 +9,7 @@ from typing import Optional, Type
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from gsstudio_ext.eval.text_queries import TextQueryEvalConfig, dataset_pairs, evaluate_text_queries
-from gsstudio_ext.methods.ag2aussian.queries import QueryState
+from gsstudio_ext.methods.base.queries import QueryState
 
 
 @dataclass

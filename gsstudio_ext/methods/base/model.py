@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -33,6 +33,17 @@ from gsstudio_ext.core.sh import sh_to_view_colors
 
 # The viewer's default background, as in splatfacto.
 VISER_BACKGROUND = (0.1490, 0.1647, 0.2157)
+
+
+class View(NamedTuple):
+    """The camera of one render, as the rasterizer takes it."""
+
+    viewmat: Tensor
+    """[1, 4, 4] world-to-camera matrix."""
+    K: Tensor
+    """[1, 3, 3] intrinsics at the rendered size."""
+    width: int
+    height: int
 
 
 @dataclass
@@ -169,18 +180,22 @@ class FeatureSplatfactoModel(SplatfactoModel):
         Combined with the viewer's crop box; override in methods with queries."""
         return None
 
-    def feature_channels(self, crop_ids: Optional[Tensor], viewmat: Tensor) -> "OrderedDict[str, Tensor]":
+    def active_sh_degree(self) -> int:
+        """SH degree used at the current step (splatfacto's warm-up: one more degree every ``sh_degree_interval``)."""
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
+    def feature_channels(self, crop_ids: Optional[Tensor], view: View) -> "OrderedDict[str, Tensor]":
         """Per-Gaussian channels [N, D] rendered next to RGB this pass, by output name (override to add more).
 
-        ``viewmat`` [1, 4, 4] is the view's world-to-camera matrix, for view-dependent channels."""
+        ``view`` is the rendered camera, for view-dependent channels."""
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         for name in self.config.feature_dims:
             value = self.gauss_params[name]
             out[name] = value if crop_ids is None else value[crop_ids]
         return out
 
-    def _view(self, camera: Cameras) -> Tuple[Tensor, Tensor, int, int]:
-        """World-to-camera matrix [1, 4, 4], intrinsics [1, 3, 3] and the (downscaled) size of a camera."""
+    def _view(self, camera: Cameras) -> View:
+        """The (downscaled) view of a camera."""
         if self.training:
             assert camera.shape[0] == 1, "Only one camera at a time"
             c2w = self.camera_optimizer.apply_to_camera(camera)
@@ -191,7 +206,7 @@ class FeatureSplatfactoModel(SplatfactoModel):
         K = camera.get_intrinsics_matrices().to(self.device)
         width, height = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(scale)
-        return viewmat_from_c2w(c2w.to(self.device)), K, width, height
+        return View(viewmat_from_c2w(c2w.to(self.device)), K, width, height)
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
         """Render RGB, depth, alpha and every feature channel of ``feature_channels`` with one rasterization."""
@@ -205,13 +220,14 @@ class FeatureSplatfactoModel(SplatfactoModel):
             width, height = int(camera.width.item()), int(camera.height.item())
             return self.get_empty_outputs(width, height, self.background_color)
         pick = (lambda t: t) if crop_ids is None else (lambda t: t[crop_ids])
-        viewmat, K, width, height = self._view(camera)
+        view = self._view(camera)
+        viewmat, K, width, height = view
         self.last_size = (height, width)
         means = pick(self.means)
 
         sh = torch.cat((pick(self.features_dc)[:, None, :], pick(self.features_rest)), dim=1)
-        degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
-        features = self.feature_channels(crop_ids, viewmat)
+        degree = self.active_sh_degree()
+        features = self.feature_channels(crop_ids, view)
         if self.config.sh_degree == 0:
             colors, sh_degree = torch.sigmoid(sh[:, 0, :]), None
         elif features:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,17 +79,33 @@ class PCMI(nn.Module):
         """W = MLP1(words): [S, L, Dw] -> [S, L, d]."""
         return self.text_mlp(words)
 
+    def gaussian_terms(self, features: Tensor, xyz: Tensor) -> "GaussianTerms":
+        """The word-independent part: G = MLP2(r), P = normalize(MLP3(xyz)), Q = q(G) + gp(P), each [N, d]
+        (cacheable between queries while the weights do not change)."""
+        G = self.gaussian_mlp(features)
+        P = F.normalize(self.position_mlp(xyz), dim=-1)
+        return GaussianTerms(G, P, self.q(G) + self.gp(P))
+
     def forward(self, features: Tensor, xyz: Tensor, words: Tensor, word_mask: Tensor) -> PCMIOutput:
         """Responses of N Gaussians (features [N, F], xyz [N, 3]) to S sentences (words [S, L, Dw], word_mask
         [S, L] bool, True for real words). A sentence without words gets response 0 everywhere."""
+        return self.attend(self.gaussian_terms(features, xyz), words, word_mask)
+
+    def attend(
+        self, terms: "GaussianTerms", words: Tensor, word_mask: Tensor, among: Optional[Tensor] = None
+    ) -> PCMIOutput:
+        """:meth:`forward` from precomputed Gaussian terms. ``among`` (bool [N]) restricts the softmax over
+        Gaussians that places the words to those Gaussians, as if only they had been given (every Gaussian's own
+        attention does not depend on the others)."""
         if words.dim() != 3 or word_mask.shape != words.shape[:2]:
             raise ValueError(f"words must be [S, L, D] with word_mask [S, L]; got {tuple(words.shape)}, "
                              f"{tuple(word_mask.shape)}")  # fmt: skip
+        G, P, Q = terms
         W = self.encode_words(words)  # [S, L, d]
-        G = self.gaussian_mlp(features)  # [N, d]
-        P = F.normalize(self.position_mlp(xyz), dim=-1)  # [N, d]
-        word_positions = torch.softmax(W @ G.T, dim=-1) @ P  # [S, L, d], softmax over Gaussians
-        Q = self.q(G) + self.gp(P)  # [N, d]
+        placement = W @ G.T  # [S, L, N]
+        if among is not None:
+            placement = placement.masked_fill(~among, float("-inf"))
+        word_positions = torch.softmax(placement, dim=-1) @ P  # [S, L, d], softmax over Gaussians
         K = self.k(W) + self.kp(word_positions)  # [S, L, d]
         scores = torch.einsum("nd,sld->snl", Q, K) / math.sqrt(self.config.dim)
         scores = scores.masked_fill(~word_mask[:, None, :], float("-inf"))
@@ -97,3 +113,12 @@ class PCMI(nn.Module):
         attended = self.norm(attention @ self.v(W) + G)  # [S, N, d]
         responses = torch.einsum("snd,sld->sn", attended, W * word_mask[..., None].to(W.dtype))
         return PCMIOutput(responses.T, attended, W)
+
+
+class GaussianTerms(NamedTuple):
+    G: Tensor
+    """[N, d] MLP2 of the referring features."""
+    P: Tensor
+    """[N, d] normalised MLP3 of the positions."""
+    Q: Tensor
+    """[N, d] attention queries."""
