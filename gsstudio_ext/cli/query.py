@@ -276,8 +276,9 @@ def run(cmd: QueryCommand) -> Dict[str, Any]:
     }
     write_json_atomic(out_dir / QUERY_FILE, summary)
     CONSOLE.print(
-        f"[green]gs-query: {cmd.query!r} selected {num_selected} of {model.num_points} Gaussians[/green] "
-        f"(provider {summary['provider']}); wrote {len(frames)} frame(s) x {', '.join(outputs)} to {out_dir}"
+        f"[green]gs-query: {cmd.query!r} selected {num_selected} of {model.num_points} Gaussians[/green]"
+        + (f" (provider {summary['provider']})" if summary["provider"] else "")
+        + f"; wrote {len(frames)} frame(s) x {', '.join(outputs)} to {out_dir}"
     )
     if summary["provider"] and str(summary["provider"]).startswith("label:"):
         CONSOLE.print("[yellow]note: language features are label-derived (object names), not CLIP[/yellow]")
