@@ -88,7 +88,7 @@ def ag2_run(default_scene: Path, tmp_path_factory: pytest.TempPathFactory):
     return train(config)
 
 
-REFER_STEPS = 150
+REFER_STEPS = 250
 REFER_HELD_OUT = ("paraphrase", "left_right", "front_behind")
 
 
