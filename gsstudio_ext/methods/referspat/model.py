@@ -60,6 +60,13 @@ class Words(NamedTuple):
     """[S, L] bool, True on real words."""
 
 
+class LiveQuery(NamedTuple):
+    """The expression behind the live selection, rendered in every view with its own threshold."""
+
+    text: str
+    threshold: float
+
+
 @dataclass
 class ReferModelConfig(FeatureSplatfactoModelConfig):
     """ReferSplat on a trained scene, with the official hyper-parameters."""
@@ -274,7 +281,7 @@ class ReferModel(FeatureSplatfactoModel):
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         words = self._words
         if words is None and not self.training and self.query_state.query is not None:
-            words = self.text_words([self.query_state.query[0]])
+            words = self.text_words([self.query_state.query.text])
         if words is not None and words.tokens.shape[0] > 0:
             out["referring_logit"] = self._view_responses(crop_ids, view, words)
         return out
@@ -285,7 +292,7 @@ class ReferModel(FeatureSplatfactoModel):
         if logits is None or self.training or self._words is not None:
             return outputs
         probability = torch.sigmoid(logits[..., :1])  # of the live query, rendered with its own threshold
-        mask = (probability > self.query_state.query[1]).float()
+        mask = (probability > self.query_state.query.threshold).float()
         outputs["referring_probability"], outputs["referring_mask"] = probability, mask
         if self.config.query.mode == "highlight":
             tint = torch.tensor(self.config.query.highlight_color, device=self.device)
@@ -331,7 +338,7 @@ class ReferModel(FeatureSplatfactoModel):
             selected &= responses[:, 0] > responses[:, column]
         if self.vote_cameras is not None and self.config.selection_votes > 0 and bool(selected.any()):
             selected &= self.mask_votes(text, self.threshold(threshold)) >= 0.5
-        self.query_state.push(selected, probability, query=(text, self.threshold(threshold)))
+        self.query_state.push(selected, probability, query=LiveQuery(text, self.threshold(threshold)))
         return selected
 
     def mask_votes(self, text: str, threshold: float) -> Tensor:
