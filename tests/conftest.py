@@ -107,3 +107,15 @@ def refer_run(ag2_run, tmp_path_factory: pytest.TempPathFactory):
     data = ag2_run[0].pipeline.datamanager.config.data
     config = prepare_config(config, data, tmp_path_factory.mktemp("refer"), max_steps=REFER_STEPS, device="cpu")
     return train(config)
+
+
+@pytest.fixture(scope="session")
+def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six generated 64x64 scenes sharing the class list (4 train, 2 unseen), each with gaussians.ply fused from its
+    RGB-D train views; 24 views per scene, every 4th a test view."""
+    from gsstudio_ext.data.synthetic import SynthConfig, generate_scenes
+
+    config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
+    out = tmp_path_factory.mktemp("rtgs2_scenes") / "set"
+    generate_scenes(out, config, num_scenes=6, unseen_fraction=0.34)
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 
 from gsstudio_ext.data.synthetic.catalogue import CLASSES, class_list
 from gsstudio_ext.data.synthetic.config import SynthConfig
-from gsstudio_ext.data.synthetic.writer import Progress, prepare_output, write_json, write_scene
+from gsstudio_ext.data.synthetic.writer import GAUSSIANS_NAME, Progress, prepare_output, write_json, write_scene
 
 __all__ = ["SynthConfig", "generate_scene", "generate_scenes", "scene_seed", "CLASSES", "class_list"]
 
@@ -76,6 +76,7 @@ def generate_scenes(
                 "path": name,
                 "split": "unseen" if i >= num_scenes - num_unseen else "train",
                 "seed": scene_config.seed,
+                **({"gaussians": f"{name}/{GAUSSIANS_NAME}"} if config.fuse_gaussians else {}),
             }
         )
     write_json(

@@ -67,6 +67,9 @@ class SynthConfig:
     """Near clipping plane of the render camera (metres)."""
     far: float = 20.0
     """Far clipping plane of the render camera (metres); depth beyond it reads as empty (0)."""
+    fuse_gaussians: bool = False
+    """Also write gaussians.ply: a 3DGS scene fused from the ground-truth RGB-D train views (for methods that start
+    from a trained scene, e.g. rtgs2-ext)."""
 
     def check(self) -> None:
         """Raise ValueError with a clear message for an impossible configuration."""

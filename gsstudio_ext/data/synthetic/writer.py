@@ -6,6 +6,7 @@ Layout of ``out_dir`` (sidecar formats: :mod:`gsstudio_ext.data.layout`)::
                            camera-to-world, depth_file_path), ply_file_path, train/val/test_filenames
     images/<stem>.png      RGB uint8
     depths/<stem>.png      uint16 z-depth in millimetres (nerfstudio's depth_unit_scale_factor 1e-3); 0 = no surface
+    gaussians.ply          with fuse_gaussians: a 3DGS scene fused from the RGB-D train views
     sparse_pc.ply          initial points (x y z float32, red green blue uint8), back-projected from train depth
     synth_config.json      the SynthConfig that made the scene (re-run it to regenerate byte-identical files)
     sidecars/              scene.json, expressions.json, instances/, semantics/, parts/
@@ -34,7 +35,8 @@ from gsstudio_ext.data.synthetic.render import Frame, SceneRenderer
 
 PLY_NAME = "sparse_pc.ply"
 CONFIG_NAME = "synth_config.json"
-MANAGED = ("images", "depths", "sidecars", "transforms.json", PLY_NAME, CONFIG_NAME)
+GAUSSIANS_NAME = "gaussians.ply"
+MANAGED = ("images", "depths", "sidecars", "transforms.json", PLY_NAME, CONFIG_NAME, GAUSSIANS_NAME)
 """Entries of a scene folder the generator owns (and may replace with overwrite=True)."""
 
 Progress = Callable[[int, int], None]
@@ -236,4 +238,8 @@ def write_scene(
     )
     sidecars.write_expressions(out_dir, expressions)
     write_json(out_dir / CONFIG_NAME, {"generator": "gs-synth", "config": config.to_dict()})
+    if config.fuse_gaussians:
+        from gsstudio_ext.data.synthetic.gaussians import write_fused_gaussians
+
+        write_fused_gaussians(out_dir)
     return out_dir
