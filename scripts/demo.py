@@ -1,5 +1,6 @@
 """Main job: make the default synthetic scene, train ag2aussian-ext on it, run a text and a click query, export;
-then train referspat-ext on the frozen result and render a referring expression.
+then train referspat-ext on the frozen result and render a referring expression; then train rtgs2-ext across a
+generated multi-scene set and segment its unseen scenes.
 
     .venv/bin/python scripts/demo.py [--out demo_out] [--steps 300] [--query duck] [--expression "the red car"]
 
@@ -13,7 +14,10 @@ Writes under <out>:
 - renders/          ground truth | render | depth | instances of every held-out view;
 - <query>.ply       the Gaussians the text query selects; scene_instances.ply the whole scene with instance_id;
 - refer_runs/       the referspat-ext run (paraphrases and spatial expressions held out of training);
-- refer_eval/       its per-(view, expression) results (referring.json); refer_query/ gs-query of --expression.
+- refer_eval/       its per-(view, expression) results (referring.json); refer_query/ gs-query of --expression;
+- rtgs2_scenes/     the multi-scene set (train + unseen scenes, each with gaussians.ply); rtgs2_runs/ the run;
+- rtgs2_eval/       cross-scene and novel-view reports (JSON, per-class Markdown tables, confusion-matrix PNGs) and
+                    the predicted class maps of the unseen scenes (predictions/).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from PIL import Image
 
 from gsstudio_ext.cli import export as gs_export
 from gsstudio_ext.cli import query as gs_query
+from gsstudio_ext.cli import rtgs2_eval
 from gsstudio_ext.data.embedding_sources import LabelEmbeddingConfig
 from gsstudio_ext.data.mask_sources import SidecarMaskSourceConfig
 from gsstudio_ext.data.preprocess import preprocess_dataset
-from gsstudio_ext.data.synthetic import generate_scene
+from gsstudio_ext.data.synthetic import generate_scene, generate_scenes
 from gsstudio_ext.data.synthetic.config import SynthConfig
 from gsstudio_ext.methods.ag2aussian.config import SHORT_SCHEDULE, ag2_trainer_config
 from gsstudio_ext.methods.ag2aussian.model import AG2ModelConfig
@@ -43,6 +48,7 @@ from gsstudio_ext.methods.referspat.config import SHORT_LRS as REFER_LRS
 from gsstudio_ext.methods.referspat.config import SHORT_SCHEDULE as REFER_SCHEDULE
 from gsstudio_ext.methods.referspat.config import refer_trainer_config
 from gsstudio_ext.methods.referspat.model import ReferModelConfig
+from gsstudio_ext.methods.rtgs2.config import rtgs2_trainer_config, small_model
 
 
 @dataclass
@@ -61,6 +67,8 @@ class DemoArgs:
     """referspat-ext training steps (0 skips the referring stage)."""
     expression: str = "the red car"
     """Referring expression to render with gs-query."""
+    rtgs2_steps: int = 1000
+    """rtgs2-ext Stage-B steps after its 300 Stage-A steps (0 skips the semantic stage)."""
 
 
 HELD_OUT_KINDS = ("paraphrase", "left_right", "front_behind")
@@ -79,6 +87,25 @@ def referring_stage(args: DemoArgs, scene: Path, ag2_config: Path) -> dict:
     referring = {k.split("/")[-1]: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("referring")}
     return {"config": str(config_path), "held_out_kinds": list(HELD_OUT_KINDS), "metrics": referring,
             "expression": args.expression, "selected_gaussians": query["num_selected"]}  # fmt: skip
+
+
+def semantic_stage(args: DemoArgs) -> dict:
+    """Train rtgs2-ext on four generated scenes and score two unseen ones (same classes, new layouts)."""
+    data = args.out / "rtgs2_scenes"
+    if not (data / "scenes.json").exists():
+        config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
+        generate_scenes(data, config, num_scenes=6, unseen_fraction=0.34)
+    model = small_model(0.01, ssl_steps=300, background_color=(1.0, 1.0, 1.0))
+    steps = 300 + args.rtgs2_steps
+    config = prepare_config(
+        rtgs2_trainer_config(model, max_steps=steps, fusion_lr=1e-3), data, args.out / "rtgs2_runs", max_steps=steps,
+        device=args.device,
+    )  # fmt: skip
+    _, config_path = train(config)
+    metrics = rtgs2_eval.run(
+        rtgs2_eval.RTGS2EvalCommand(config_path, out=args.out / "rtgs2_eval", save_predictions=True)
+    )
+    return {"config": str(config_path), "metrics": {k: round(v, 4) for k, v in metrics.items() if "/" not in k}}
 
 
 def save_renders(pipeline, folder: Path) -> list[Path]:
@@ -154,6 +181,8 @@ def main(args: DemoArgs) -> None:
     }
     if args.refer_steps > 0:
         report["referspat"] = referring_stage(args, scene, config_path)
+    if args.rtgs2_steps > 0:
+        report["rtgs2"] = semantic_stage(args)
     report["wall_time_s"] = round(time.time() - start, 1)
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
     og = {k.split("/")[-1]: v for k, v in metrics.items() if k.count("/") == 1 and k.startswith("opengaussian")}
@@ -171,6 +200,9 @@ def main(args: DemoArgs) -> None:
         print(f"\nreferspat-ext: {refer['config']}\nreferring:    {scores} (mIoU over (held-out view, expression))")
         print(f"expression:   {args.expression!r} -> {refer['selected_gaussians']} Gaussians, masks in "
               f"{args.out / 'refer_query'}")  # fmt: skip
+    if "rtgs2" in report:
+        print(f"\nrtgs2-ext:    {report['rtgs2']['config']}\nunseen scenes: {report['rtgs2']['metrics']} (pooled "
+              f"confusion), report and predicted class maps in {args.out / 'rtgs2_eval'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -111,11 +111,43 @@ def refer_run(ag2_run, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six generated 64x64 scenes sharing the class list (4 train, 2 unseen), each with gaussians.ply fused from its
+    """Ten generated 64x64 scenes sharing the class list (8 train, 2 unseen), each with gaussians.ply fused from its
     RGB-D train views; 24 views per scene, every 4th a test view."""
     from gsstudio_ext.data.synthetic import SynthConfig, generate_scenes
 
     config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
     out = tmp_path_factory.mktemp("rtgs2_scenes") / "set"
-    generate_scenes(out, config, num_scenes=6, unseen_fraction=0.34)
+    generate_scenes(out, config, num_scenes=10, unseen_fraction=0.2)
     return out
+
+
+RTGS2_SSL_STEPS = 300
+RTGS2_FUSION_STEPS = 1200
+
+
+def _train_rtgs2(data: Path, out: Path, use_features: bool):
+    from rtgs2_tiny import tiny_model
+
+    from gsstudio_ext.methods.base.training import prepare_config, train
+    from gsstudio_ext.methods.rtgs2.config import rtgs2_trainer_config
+
+    ssl_steps = RTGS2_SSL_STEPS if use_features else 0
+    model = tiny_model(use_features, ssl_steps=ssl_steps, batch_size=4)
+    config = rtgs2_trainer_config(model, max_steps=ssl_steps + RTGS2_FUSION_STEPS, fusion_lr=1e-3)
+    config.logging.steps_per_log = 10
+    config = prepare_config(config, data, out, max_steps=ssl_steps + RTGS2_FUSION_STEPS, device="cpu")
+    return train(config)
+
+
+@pytest.fixture(scope="session")
+def rtgs2_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(trainer, config.yml) of rtgs2-ext trained on the train scenes of ``rtgs2_scenes``: Stage A then Stage B with
+    the real EfficientNet-Lite0 RGB encoder and tiny backbone / feature branch. Tests that change the model's scene,
+    class filter or colouring must restore them."""
+    return _train_rtgs2(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
+
+
+@pytest.fixture(scope="session")
+def rtgs2_rgb_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The RGB-only ablation of ``rtgs2_run``: the same network and Stage-B schedule with the feature input zeroed."""
+    return _train_rtgs2(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2_rgb"), use_features=False)

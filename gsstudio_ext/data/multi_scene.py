@@ -23,7 +23,7 @@ from typing import List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.data.dataparsers.base_dataparser import DataParserConfig
+from nerfstudio.data.dataparsers.base_dataparser import DataParserConfig, DataparserOutputs
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from torch import Tensor
 
@@ -145,16 +145,26 @@ def replace_cameras(cameras: Cameras, camera_to_worlds: Tensor) -> Cameras:
     )
 
 
-def load_scene_views(
+def scene_dataparser_outputs(
     entry: SceneEntry, split: Literal["train", "test"], parser: Optional[DataParserConfig] = None, downscale: int = 1
-) -> SceneViews:
-    """Cameras and semantics of ``entry``'s ``split`` ("train" or the dataset's "test" frames), optionally
-    downscaled by an integer factor (semantics by nearest neighbour)."""
+) -> DataparserOutputs:
+    """nerfstudio's dataparser outputs of ``entry``'s ``split`` with the cameras in the frame of its Gaussians,
+    optionally downscaled by an integer factor."""
     parser = replace(parser or world_frame_parser(), data=entry.root)
     outputs = parser.setup().get_dataparser_outputs(split=split)
     cameras = to_run_frame(outputs.cameras, _run_frame(entry.gaussians))
     if downscale > 1:
         cameras.rescale_output_resolution(1.0 / downscale)
+    return replace(outputs, cameras=cameras)
+
+
+def load_scene_views(
+    entry: SceneEntry, split: Literal["train", "test"], parser: Optional[DataParserConfig] = None, downscale: int = 1
+) -> SceneViews:
+    """Cameras and semantics of ``entry``'s ``split`` ("train" or the dataset's "test" frames), optionally
+    downscaled by an integer factor (semantics by nearest neighbour)."""
+    outputs = scene_dataparser_outputs(entry, split, parser, downscale)
+    cameras = outputs.cameras
     stems = [Path(f).stem for f in outputs.image_filenames]
     semantics = None
     if all(layout.semantic_path(entry.root, s).is_file() for s in stems) and stems:

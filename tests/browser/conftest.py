@@ -72,14 +72,18 @@ class ViewerRun:
 @contextlib.contextmanager
 def open_viewer(trainer: Any, config_path: Path) -> Iterator[ViewerRun]:
     """nerfstudio's Viewer for a finished run's pipeline on 127.0.0.1 (a free port); the model's own query panel
-    and ViewerControl are found by the Viewer. The model's query state and mode are restored afterwards."""
+    and ViewerControl are found by the Viewer. The model's query state and mode (if any) are restored afterwards."""
     from nerfstudio.viewer.viewer import Viewer
 
     config = trainer.config
     pipeline = trainer.pipeline
     model = pipeline.model
-    state = model.query_state
-    saved = (state.selection, state.relevancy, state.query, list(state.history), model.config.query.mode)
+    state = getattr(model, "query_state", None)
+    saved = (
+        None
+        if state is None
+        else (state.selection, state.relevancy, state.query, list(state.history), model.config.query.mode)
+    )
     was_training = model.training
     viewer_config = config.viewer
     viewer_config.websocket_host, viewer_config.websocket_port = "127.0.0.1", free_port()
@@ -94,14 +98,16 @@ def open_viewer(trainer: Any, config_path: Path) -> Iterator[ViewerRun]:
     )
     try:
         url = f"http://127.0.0.1:{viewer_config.websocket_port}"
-        yield ViewerRun(viewer, model, model.query_panel, url, run_dir, pipeline)
+        panel = getattr(model, "query_panel", None) or getattr(model, "semantic_panel", None)
+        yield ViewerRun(viewer, model, panel, url, run_dir, pipeline)
     finally:
         for machine in list(viewer.render_statemachines.values()):
             machine.running = False
         viewer.viser_server.stop()
         shutil.rmtree(run_dir / "exports", ignore_errors=True)
-        state.selection, state.relevancy, state.query, state.history = saved[0], saved[1], saved[2], saved[3]
-        model.config.query.mode = saved[4]
+        if state is not None:
+            state.selection, state.relevancy, state.query, state.history = saved[0], saved[1], saved[2], saved[3]
+            model.config.query.mode = saved[4]
         model.train(was_training)
 
 

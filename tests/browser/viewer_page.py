@@ -134,11 +134,21 @@ def type_threshold(page: Any, value: str) -> None:
     control(page, "Threshold").press("Enter")
 
 
-def pick_mode(page: Any, name: str) -> Callable[[], None]:
-    """An action choosing ``name`` in the Mode dropdown."""
+def pick_option(page: Any, label: str, name: str) -> Callable[[], None]:
+    """An action choosing ``name`` in the dropdown labelled ``label``."""
 
     def pick() -> None:
-        control(page, "Mode").click()
-        page.get_by_role("option", name=name).click()
+        control(page, label).click()
+        page.get_by_role("option", name=name, exact=True).click()
 
     return pick
+
+
+def pick_mode(page: Any, name: str) -> Callable[[], None]:
+    """An action choosing ``name`` in the Mode dropdown."""
+    return pick_option(page, "Mode", name)
+
+
+def toggle(page: Any, label: str) -> Callable[[], None]:
+    """An action clicking the checkbox labelled ``label``."""
+    return row(page, label).locator("input[type=checkbox]").first.click

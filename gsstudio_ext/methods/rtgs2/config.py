@@ -14,8 +14,13 @@ from nerfstudio.plugins.types import MethodSpecification
 from torch.optim import Optimizer, lr_scheduler
 
 from gsstudio_ext.methods.base.training import default_device
+from gsstudio_ext.methods.rtgs2.backbone import PointBackboneConfig
+from gsstudio_ext.methods.rtgs2.fusion import FusionNetConfig
 from gsstudio_ext.methods.rtgs2.model import RTGS2ModelConfig
+from gsstudio_ext.methods.rtgs2.pairs import PairMiningConfig
 from gsstudio_ext.methods.rtgs2.pipeline import RTGS2PipelineConfig
+from gsstudio_ext.methods.rtgs2.ssl import SSLConfig
+from gsstudio_ext.models.image_backbones import EfficientNetLite0EncoderConfig
 
 SSL_STEPS = 2000
 MAX_STEPS = 12000
@@ -64,6 +69,28 @@ class PolyWarmupScheduler(Scheduler):
             return max(1.0 - t / length, 0.0) ** cfg.power
 
         return lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+
+
+def small_model(
+    voxel: float, use_gaussian_features: bool = True, ssl_steps: int = 150, **overrides
+) -> RTGS2ModelConfig:
+    """A CPU-sized preset for small scenes (demo, tests): tiny backbone and feature branch, the real offline
+    EfficientNet-Lite0 RGB encoder, backbone grid ``voxel`` (about a pixel footprint). Stage A subsamples at twice
+    that, matches 256 correspondences, rotates about the up axis and mines pairs among every 3rd view. Use
+    ``fusion_lr=1e-3`` in the trainer config."""
+    backbone = PointBackboneConfig.tiny()
+    backbone.grid_size = voxel
+    fusion = FusionNetConfig.tiny(num_classes=2)
+    fusion.rgb_encoder = EfficientNetLite0EncoderConfig()
+    return RTGS2ModelConfig(
+        backbone=backbone,
+        fusion=fusion,
+        ssl=SSLConfig(voxel_size=2 * voxel, max_correspondences=256, lr=3e-3, rotation_axis="z"),
+        pairs=PairMiningConfig(anchor_every=3, min_gap=2),
+        ssl_steps=ssl_steps if use_gaussian_features else 0,
+        use_gaussian_features=use_gaussian_features,
+        **overrides,
+    )
 
 
 def rtgs2_optimizers(ssl_steps: int, max_steps: int, backbone_lr: float = 1e-3, fusion_lr: float = 1e-4) -> dict:

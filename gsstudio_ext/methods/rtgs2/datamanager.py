@@ -1,28 +1,38 @@
 """Datamanager over many scenes: each scene's trained Gaussians, cameras and semantic maps (no training images:
-RT-GS2 trains on renders of the Gaussians). The first scene to show is also exposed as nerfstudio's
-``train_dataset`` so the viewer can draw its cameras."""
+RT-GS2 trains on renders of the Gaussians). The scene shown first (the first unseen one, else the first) is also
+exposed as nerfstudio's ``train_dataset`` / ``eval_dataset``, so the viewer draws its cameras and ``ns-render
+dataset`` renders its frames; pass ``--data`` a single scene folder to render another one."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
-from nerfstudio.data.datamanagers.base_datamanager import DataManager, DataManagerConfig
+from nerfstudio.data.datamanagers.base_datamanager import DataManager
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.data.datasets.base_dataset import InputDataset
 
 from gsstudio_ext.core.checkpoint import load_scene
 from gsstudio_ext.core.scene import GaussianScene
-from gsstudio_ext.data.multi_scene import SceneEntry, SceneViews, load_scene_views, read_scene_list, world_frame_parser
+from gsstudio_ext.data.multi_scene import (
+    SceneEntry,
+    SceneViews,
+    load_scene_views,
+    read_scene_list,
+    scene_dataparser_outputs,
+    world_frame_parser,
+)
 
 
 @dataclass
-class MultiSceneDataManagerConfig(DataManagerConfig):
-    """Scenes listed in ``data/scenes.json`` (or one dataset folder); see gsstudio_ext/data/multi_scene.py."""
+class MultiSceneDataManagerConfig(FullImageDatamanagerConfig):
+    """Scenes listed in ``data/scenes.json`` (or one dataset folder); see gsstudio_ext/data/multi_scene.py.
+    (A FullImageDatamanagerConfig only so that nerfstudio's ns-render accepts it; its image options are unused.)"""
 
     _target: Type = field(default_factory=lambda: MultiSceneDataManager)
     dataparser: AnnotatedDataParserUnion = field(default_factory=world_frame_parser)
@@ -91,10 +101,10 @@ class MultiSceneDataManager(DataManager):
         if not self.scenes:
             raise ValueError(f"{config.data}: no scene to load (check the splits in scenes.json and --*-scenes)")
         self.rng = random.Random(1234 + local_rank)
-        first = self.scenes[(self.unseen_names or self.train_names)[0]]
-        outputs = replace(self.config.dataparser, data=first.entry.root).setup().get_dataparser_outputs("train")
-        self.train_dataset = InputDataset(outputs)
-        self.eval_dataset = self.train_dataset
+        shown = self.scenes[(self.unseen_names or self.train_names)[0]].entry
+        parser, scale = self.config.dataparser, self.config.downscale
+        self.train_dataset = InputDataset(scene_dataparser_outputs(shown, "train", parser, scale))
+        self.eval_dataset = InputDataset(scene_dataparser_outputs(shown, "test", parser, scale))
         super().__init__()
 
     def _load(self, entry: SceneEntry) -> LoadedScene:
@@ -128,6 +138,12 @@ class MultiSceneDataManager(DataManager):
     def labels(self, name: str, index: int, split: Literal["train", "test"] = "test") -> Optional[torch.Tensor]:
         views = getattr(self.scenes[name], split)
         return None if views.semantics is None else views.semantics[index].to(self.device)
+
+    @property
+    def fixed_indices_eval_dataloader(self) -> List[Tuple[Cameras, Dict]]:
+        """(camera, batch) of every eval view, as nerfstudio's full-image datamanagers list them."""
+        views = self.eval_views(self.unseen_names or self.train_names)
+        return [(self.camera(n, i), {"scene": n, "index": i, "semantics": self.labels(n, i)}) for n, i in views]
 
     # -------------------------------------------------------------- nerfstudio DataManager interface
 

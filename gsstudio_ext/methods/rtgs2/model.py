@@ -8,9 +8,10 @@ rasterization of RGB + 32 feature channels, then the fusion net.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -23,7 +24,7 @@ from gsstudio_ext.core.palette import id_colors
 from gsstudio_ext.core.scene import GaussianScene
 from gsstudio_ext.core.scene_render import render_scene
 from gsstudio_ext.methods.rtgs2.backbone import PointBackbone, PointBackboneConfig
-from gsstudio_ext.methods.rtgs2.fusion import FusionNet, FusionNetConfig, FusionOutput
+from gsstudio_ext.methods.rtgs2.fusion import FusionNet, FusionNetConfig
 from gsstudio_ext.methods.rtgs2.pairs import PairMiningConfig
 from gsstudio_ext.methods.rtgs2.scene_features import FeatureCache, bake_features
 from gsstudio_ext.methods.rtgs2.ssl import SSLConfig
@@ -76,6 +77,10 @@ class RTGS2ModelConfig(ModelConfig):
     """Folder for baked per-scene features (keyed by scene and backbone hashes); None = memory only."""
     background_color: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     """RGB render background (the official renders are on black)."""
+    inference_precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Autocast dtype of the fusion net at inference on CUDA (training and CPU inference run in float32)."""
+    compile_inference: bool = False
+    """torch.compile the fusion net for inference on CUDA (the first frames compile; then fewer kernel launches)."""
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -115,6 +120,8 @@ class RTGS2Model(Model):
         self.colour_rgb = False
         self._features = FeatureCache(Path(self.config.feature_cache)) if self.config.feature_cache else None
         self._memory: Dict[str, Tensor] = {}
+        self._compiled: Optional[torch.nn.Module] = None
+        self._channels_last = False
         self.register_buffer("palette", id_colors(torch.arange(len(self.classes))), persistent=False)
         self.palette[0] = 0.0  # class 0 (background / unlabelled in most lists) is drawn black
 
@@ -188,8 +195,27 @@ class RTGS2Model(Model):
         if self.active_scene is None:
             raise RuntimeError("rtgs2-ext has no scene to render: the pipeline registers its scenes at start-up")
         rgb, feats = self.render_view(self.active_scene, camera)
-        result: FusionOutput = self.fusion(rgb, feats)
-        return self.semantic_outputs(rgb[0].permute(1, 2, 0), feats[0], result.logits[0])
+        logits = self.fusion(rgb, feats).logits if self.training else self.segment_logits(rgb, feats)
+        return self.semantic_outputs(rgb[0].permute(1, 2, 0), feats[0], logits[0].float())
+
+    def segment_logits(self, rgb: Tensor, feats: Tensor) -> Tensor:
+        """Inference logits [B, C, H, W] of the fusion net (autocast and compiled on CUDA as configured)."""
+        cuda = rgb.is_cuda
+        fusion = self.fusion
+        if cuda:  # NHWC convolutions are the fast path of cuDNN for ConvNeXt-style depthwise + pointwise stacks
+            if not self._channels_last:
+                self.fusion.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
+            feats = feats.contiguous(memory_format=torch.channels_last)
+        if cuda and self.config.compile_inference:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fusion, mode="reduce-overhead")
+            fusion = self._compiled
+        dtype = getattr(torch, self.config.inference_precision)
+        use_autocast = cuda and dtype != torch.float32
+        with torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext():
+            return fusion(rgb, feats).logits
 
     def semantic_outputs(self, rgb: Tensor, feats: Tensor, logits: Tensor) -> Dict[str, Tensor]:
         ids = logits.argmax(dim=0)

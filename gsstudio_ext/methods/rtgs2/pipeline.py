@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import torch
+import torch.distributed as dist
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes
 from nerfstudio.pipelines.base_pipeline import Pipeline, VanillaPipelineConfig
 from nerfstudio.utils import profiler
@@ -217,13 +218,14 @@ class RTGS2Pipeline(Pipeline):
     def segment(self, name: str, index: int) -> Tensor:
         """Long [H, W] predicted classes of test view ``index`` of scene ``name``."""
         rgb, feats = self.model.render_view(name, self.datamanager.camera(name, index))
-        return self.model.fusion(rgb, feats).logits[0].argmax(dim=0)
+        return self.model.segment_logits(rgb, feats)[0].argmax(dim=0)
 
     def confusion(self, names: List[str]) -> Dict[str, ConfusionMatrix]:
         matrices = {}
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         for name in names:
             cm = ConfusionMatrix(len(self.model.classes), device=self.device)
-            for scene, index in self.datamanager.eval_views([name]):
+            for scene, index in self.datamanager.eval_views([name])[rank::world]:  # summed over ranks by reduce()
                 labels = self.datamanager.labels(scene, index)
                 if labels is not None:
                     cm.update(self.segment(scene, index), labels)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ class SSLConfig:
     scale_range: Tuple[float, float] = (0.6, 1.2)
     """Uniform scale augmentation range; xyz is multiplied by s and log(s) is added to the log-scales (the
     official code multiplies the log-scales by s, which is not a scaling of the Gaussians)."""
+    rotation_axis: Literal["random", "z"] = "random"
+    """Axis of the rotation augmentation: a random one (official) or the up axis z, for gravity-aligned scenes
+    (indoor rooms, tabletops), where features need not be invariant to tilting."""
     jitter: float = 0.02
     """Std of the Gaussian noise added to colour and opacity (then clipped to [0, 1])."""
     lr: float = 1e-3
@@ -107,8 +110,8 @@ def _rotation(axis: Tensor, angle: float) -> Tensor:
 
 def augment_view(feats: Tensor, config: SSLConfig, generator: Optional[torch.Generator] = None) -> Tensor:
     """Float [m, 10]: one view's inputs centred, then scaled by s ~ U(scale_range) and rotated about a random axis
-    by an angle in (-180, 180) degrees (xyz), log(s) added to the log-scales, and colour and opacity jittered and
-    clipped to [0, 1]. Random numbers come from ``generator`` (CPU)."""
+    (or z, see ``rotation_axis``) by an angle in (-180, 180) degrees (xyz), log(s) added to the log-scales, and
+    colour and opacity jittered and clipped to [0, 1]. Random numbers come from ``generator`` (CPU)."""
     m = feats.shape[0]
     out = feats.clone()
     if m == 0:
@@ -116,6 +119,8 @@ def augment_view(feats: Tensor, config: SSLConfig, generator: Optional[torch.Gen
     lo, hi = config.scale_range
     scale = lo + (hi - lo) * float(torch.rand(1, generator=generator))
     axis = torch.randn(3, generator=generator, dtype=torch.float64)
+    if config.rotation_axis == "z":
+        axis = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     axis = axis / axis.norm().clamp_min(1e-12)
     angle = (2.0 * float(torch.rand(1, generator=generator)) - 1.0) * math.pi
     rot = _rotation(axis, angle).to(feats)
