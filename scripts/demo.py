@@ -90,17 +90,16 @@ def referring_stage(args: DemoArgs, scene: Path, ag2_config: Path) -> dict:
 
 
 def semantic_stage(args: DemoArgs) -> dict:
-    """Train rtgs2-ext on four generated scenes and score two unseen ones (same classes, new layouts)."""
+    """Train rtgs2-ext on eight generated scenes and score two unseen ones (same classes, new layouts)."""
     data = args.out / "rtgs2_scenes"
     if not (data / "scenes.json").exists():
         config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
-        generate_scenes(data, config, num_scenes=6, unseen_fraction=0.34)
+        generate_scenes(data, config, num_scenes=10, unseen_fraction=0.2)
     model = small_model(0.01, ssl_steps=300, background_color=(1.0, 1.0, 1.0))
     steps = 300 + args.rtgs2_steps
-    config = prepare_config(
-        rtgs2_trainer_config(model, max_steps=steps, fusion_lr=1e-3), data, args.out / "rtgs2_runs", max_steps=steps,
-        device=args.device,
-    )  # fmt: skip
+    config = rtgs2_trainer_config(model, max_steps=steps, fusion_lr=1e-3)
+    config.pipeline.augment.hue = 0.5  # objects are painted in random colours: hue says nothing of the class
+    config = prepare_config(config, data, args.out / "rtgs2_runs", max_steps=steps, device=args.device)
     _, config_path = train(config)
     metrics = rtgs2_eval.run(
         rtgs2_eval.RTGS2EvalCommand(config_path, out=args.out / "rtgs2_eval", save_predictions=True)

@@ -134,6 +134,7 @@ def _train_rtgs2(data: Path, out: Path, use_features: bool):
     ssl_steps = RTGS2_SSL_STEPS if use_features else 0
     model = tiny_model(use_features, ssl_steps=ssl_steps, batch_size=4)
     config = rtgs2_trainer_config(model, max_steps=ssl_steps + RTGS2_FUSION_STEPS, fusion_lr=1e-3)
+    config.pipeline.augment.hue = 0.5  # gs-synth paints objects in random colours: hue says nothing of the class
     config.logging.steps_per_log = 10
     config = prepare_config(config, data, out, max_steps=ssl_steps + RTGS2_FUSION_STEPS, device="cpu")
     return train(config)

@@ -62,9 +62,7 @@ def room_camera(width: int, height: int, device: str, angle: float = 0.3):
     up = torch.linalg.cross(right, forward)
     c2w = torch.stack([right, up, -forward, eye], dim=1)[None]
     f = 0.8 * width
-    return Cameras(camera_to_worlds=c2w, fx=f, fy=f, cx=width / 2, cy=height / 2, width=width, height=height).to(
-        device
-    )
+    return Cameras(camera_to_worlds=c2w, fx=f, fy=f, cx=width / 2, cy=height / 2, width=width, height=height).to(device)
 
 
 def main() -> None:

@@ -15,7 +15,10 @@ class AugmentConfig:
     """Probabilities and strengths of each augmentation (official cross-scene values)."""
 
     color_jitter: float = 0.5
-    """Probability of colour jitter (brightness, contrast, saturation +-0.5, hue +-0.05) on the RGB input."""
+    """Probability of colour jitter (brightness, contrast, saturation +-0.5, hue +-``hue``) on the RGB input."""
+    hue: float = 0.05
+    """Largest hue shift of the colour jitter, in turns (0.5 = any hue: for data where colour does not tell the
+    classes apart, such as gs-synth's randomly painted objects)."""
     flip: float = 0.3
     """Probability of a horizontal flip."""
     cutout: float = 0.3
@@ -33,9 +36,9 @@ def _gray(rgb: Tensor) -> Tensor:
     return (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]
 
 
-def _jitter(rgb: Tensor, g: torch.Generator) -> Tensor:
+def _jitter(rgb: Tensor, g: torch.Generator, hue: float) -> Tensor:
     b, c, s = (1.0 + (torch.rand(3, generator=g) - 0.5)).tolist()
-    h = float((torch.rand(1, generator=g) - 0.5) * 0.1) * 2 * torch.pi
+    h = float((torch.rand(1, generator=g) * 2 - 1) * hue) * 2 * torch.pi
     rgb = rgb * b
     rgb = (rgb - rgb.mean()) * c + rgb.mean()
     rgb = (rgb - _gray(rgb)) * s + _gray(rgb)
@@ -68,7 +71,7 @@ def augment_batch(
         r, f, lab = rgb[i], features[i], labels[i]
         draw = torch.rand(4, generator=generator).tolist()
         if draw[0] < config.color_jitter:
-            r = _jitter(r, generator)
+            r = _jitter(r, generator, config.hue)
         if draw[1] < config.flip:
             r, f, lab = r.flip(-1), f.flip(-1), lab.flip(-1)
         if draw[2] < config.zoom:

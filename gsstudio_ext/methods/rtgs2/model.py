@@ -87,7 +87,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load the backbone and fusion weights of a trained rtgs2-ext run into ``model``."""
     from gsstudio_ext.core.checkpoint import find_latest_checkpoint
 
-    ckpt = torch.load(find_latest_checkpoint(path), map_location="cpu", weights_only=False)
+    run = path.parent if path.suffix in (".yml", ".yaml") else path  # a run's config.yml, as ns-* commands take it
+    ckpt = torch.load(find_latest_checkpoint(run), map_location="cpu", weights_only=False)
     state = ckpt["pipeline"] if "pipeline" in ckpt else ckpt
     prefix = "_model."
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -95,7 +96,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     wanted = {k: v for k, v in own.items() if k.startswith(("backbone.", "fusion."))}
     if not wanted:
         raise ValueError(f"{path} holds no rtgs2-ext backbone/fusion weights")
-    missing, unexpected = model.load_state_dict(wanted, strict=False)
+    missing, _ = model.load_state_dict(wanted, strict=False)
     missing = [k for k in missing if k.startswith(("backbone.", "fusion."))]
     if missing:
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}... ({len(missing)} tensors)")

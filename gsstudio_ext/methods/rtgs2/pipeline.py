@@ -112,6 +112,12 @@ class RTGS2Pipeline(Pipeline):
     def model(self) -> RTGS2Model:
         return self._model.module if isinstance(self._model, DDP) else self._model  # type: ignore[return-value]
 
+    def load_pipeline(self, loaded_state: Dict[str, Tensor], step: int) -> None:
+        """Load a checkpoint's pipeline state (nerfstudio's base Pipeline leaves this to subclasses)."""
+        state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in loaded_state.items()}
+        self.model.update_to_step(step)
+        self.load_state_dict(state)
+
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         return self.model.get_param_groups()
 
