@@ -19,6 +19,8 @@ class SceneRender(NamedTuple):
     """[C, H, W, F] alpha-blended features on black (None without features)."""
     alpha: Tensor
     """[C, H, W, 1]."""
+    depth: Optional[Tensor] = None
+    """[C, H, W, 1] expected z-depth (with ``depth=True``)."""
 
 
 def render_scene(
@@ -30,9 +32,10 @@ def render_scene(
     features: Optional[Tensor] = None,
     background: Optional[Tensor] = None,
     backend: str = "auto",
+    depth: bool = False,
 ) -> SceneRender:
     """RGB (SH evaluated per view) and ``features`` [N, F] of ``scene`` from cameras viewmats [C, 4, 4] (OpenCV
-    world-to-camera), Ks [C, 3, 3], in one rasterization of 3 + F channels."""
+    world-to-camera), Ks [C, 3, 3], in one rasterization of 3 + F channels (+ expected depth with ``depth``)."""
     sh = scene.colors_sh()
     colors = sh_to_view_colors(scene.means, sh, viewmats, scene.sh_degree)
     if features is not None:
@@ -49,9 +52,12 @@ def render_scene(
         width,
         height,
         channel_chunk=max(32, colors.shape[-1]),
+        render_mode="RGB+ED" if depth else "RGB",
         backend=backend,
     )
     rgb = render[..., :3]
     if background is not None:
         rgb = rgb + (1.0 - alpha) * background
-    return SceneRender(rgb.clamp(0.0, 1.0), render[..., 3:] if features is not None else None, alpha)
+    channels = colors.shape[-1]
+    feats = render[..., 3:channels] if features is not None else None
+    return SceneRender(rgb.clamp(0.0, 1.0), feats, alpha, render[..., channels:] if depth else None)

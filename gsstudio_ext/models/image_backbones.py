@@ -57,8 +57,14 @@ class ImageEncoder(nn.Module):
             return rgb
         return (rgb - self.mean.to(rgb.dtype)) / self.std.to(rgb.dtype)
 
-    def forward(self, rgb: Tensor) -> List[Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward(self, rgb: Tensor) -> List[Tensor]:
+        """The output of every stage after the stem (subclasses set ``self.stem`` and ``self.stages``)."""
+        x = self.stem(self.prepare(rgb))
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
 
 
 # ======================================================================================================================
@@ -110,14 +116,6 @@ class ConvNextEncoder(ImageEncoder):
         self.stages = full.stages
         if path is not None:
             self.load_state_dict(convnext_state_dict(path, full), strict=True)
-
-    def forward(self, rgb: Tensor) -> List[Tensor]:
-        x = self.stem(self.prepare(rgb))
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
 
 
 def convnext_state_dict(path: Path, model: nn.Module) -> Dict[str, Tensor]:
@@ -292,14 +290,6 @@ class TinyConvEncoder(ImageEncoder):
             self.stages = nn.ModuleList(
                 nn.Sequential(_conv_bn(cin, cout, 2), _conv_bn(cout, cout, 1)) for cin, cout in zip(ins, w)
             )
-
-    def forward(self, rgb: Tensor) -> List[Tensor]:
-        x = self.stem(self.prepare(rgb))
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
 
 
 RGBEncoderConfig = Union[

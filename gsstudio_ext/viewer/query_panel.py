@@ -1,8 +1,8 @@
 """A viewer panel for selecting Gaussians: text query (negatives, threshold), display mode, click-to-select with a
 marker in the 3D scene, undo, clear and export.
 
-The panel is ONE nerfstudio ``ViewerElement`` made of nerfstudio's own elements (ViewerText, ViewerSlider,
-ViewerDropdown, ViewerCheckbox, ViewerButton) installed in a folder, in a fixed order. It knows nothing about the
+The panel is a :class:`~gsstudio_ext.viewer.folder_panel.FolderPanel` of nerfstudio's own elements (ViewerText,
+ViewerSlider, ViewerDropdown, ViewerCheckbox, ViewerButton), in a fixed order. It knows nothing about the
 model: a method hands it :class:`PanelActions` (callbacks); a control appears only when its action is given.
 
 Attach it to the model (any ``nn.Module`` the pipeline holds) together with a ``ViewerControl``::
@@ -34,8 +34,8 @@ from nerfstudio.viewer.viewer_elements import (
     ViewerText,
 )
 from torch import Tensor
-from viser import ViserServer
 
+from gsstudio_ext.viewer.folder_panel import FolderPanel
 from gsstudio_ext.viewer.ray_camera import ray_camera
 
 MODES = ["highlight", "isolate", "remove"]
@@ -87,7 +87,7 @@ def split_phrases(text: str) -> Tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-class QueryPanel(ViewerElement):
+class QueryPanel(FolderPanel):
     """Selection controls in a viewer folder (see the module docstring for how a model attaches it).
 
     Args:
@@ -129,14 +129,11 @@ class QueryPanel(ViewerElement):
         """Files written by the export button."""
         self._steps: List[_Step] = []
         self._last_query: Optional[Tuple[str, Tuple[str, ...], float]] = None
-        self._folder: Any = None
         self._handlers: Dict[int, Callable[[], None]] = {}
 
         def route(element: ViewerElement) -> None:
             self.cb_hook(element)  # looked up at call time: the Viewer's wrapper (lock + re-render) once installed
 
-        self.elements: List[ViewerElement] = []
-        """Child elements in display order."""
         a = actions
         if a.text_query is not None:
             self.text = self._add(ViewerText("Text", text, cb_hook=route, hint="What to select"), self.run_query)
@@ -167,6 +164,7 @@ class QueryPanel(ViewerElement):
         if a.export is not None:
             self.export_button = self._add(ViewerButton("Export selection", cb_hook=route), self.export)
         self.status = self._add(ViewerText("Status", "", disabled=True), None)
+        self.read_only.append(self.status)
 
     def _add(self, element: Any, handler: Optional[Callable[[], Any]]) -> Any:
         self.elements.append(element)
@@ -176,39 +174,12 @@ class QueryPanel(ViewerElement):
 
     # ------------------------------------------------------------------ ViewerElement
 
-    def _create_gui_handle(self, viser_server: ViserServer) -> None:
-        self._folder = viser_server.gui.add_folder(self.name)
-
-    def install(self, viser_server: ViserServer) -> None:
-        """Add the folder and the controls (nerfstudio calls this once, in its "Custom Elements" folder)."""
-        self._create_gui_handle(viser_server)
-        with self._folder:
-            for element in self.elements:
-                element.install(viser_server)
-
     def remove(self) -> None:
         """Remove the controls and the markers."""
-        for element in self.elements:
-            element.remove()
+        super().remove()
         for marker in self.markers:
             marker.remove()
         self.markers.clear()
-        if self._folder is not None:
-            self._folder.remove()
-            self._folder = None
-
-    def set_hidden(self, hidden: bool) -> None:
-        for element in self.elements:
-            if element.gui_handle is not None:
-                element.set_hidden(hidden)
-
-    def set_disabled(self, disabled: bool) -> None:
-        for element in self.elements:
-            if element.gui_handle is not None and element is not self.status:
-                element.set_disabled(disabled)
-
-    def set_visible(self, visible: bool) -> None:
-        self.set_hidden(not visible)
 
     def _on_event(self, source: Any) -> None:
         """Every panel event lands here (under the viewer's lock once installed)."""

@@ -1,9 +1,8 @@
 """A viewer panel for semantic segmentation: which scene to show, colour-by-class on the main view, a class filter,
 and a colour legend of the class list.
 
-Like :class:`~gsstudio_ext.viewer.query_panel.QueryPanel`, it is ONE nerfstudio ``ViewerElement`` made of
-nerfstudio's own elements in a folder; the model attaches it as an attribute and nerfstudio's Viewer wraps its
-``cb_hook`` (training lock + re-render). The legend is a Markdown image drawn once from the palette.
+A :class:`~gsstudio_ext.viewer.folder_panel.FolderPanel`: the model attaches it as an attribute and nerfstudio's
+Viewer wraps its ``cb_hook`` (training lock + re-render). The legend is a Markdown image drawn once from the palette.
 """
 
 from __future__ import annotations
@@ -11,12 +10,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 from nerfstudio.viewer.viewer_elements import ViewerCheckbox, ViewerDropdown, ViewerElement
 from PIL import Image, ImageDraw
 from viser import ViserServer
+
+from gsstudio_ext.viewer.folder_panel import FolderPanel
 
 ALL_CLASSES = "all classes"
 
@@ -46,7 +47,7 @@ def legend_image(classes: Sequence[str], palette: np.ndarray, columns: int = 2, 
     return np.asarray(image)
 
 
-class SemanticPanel(ViewerElement):
+class SemanticPanel(FolderPanel):
     """Scene, colouring and class-filter controls plus a legend (see the module docstring)."""
 
     def __init__(
@@ -62,7 +63,6 @@ class SemanticPanel(ViewerElement):
         self.actions = actions
         self.classes = list(classes)
         self.palette = np.asarray(palette, dtype=np.float32)
-        self._folder: Any = None
         self._legend: Any = None
         self._handlers: Dict[int, Callable[[], None]] = {}
 
@@ -83,48 +83,22 @@ class SemanticPanel(ViewerElement):
         )  # fmt: skip
 
     def _add(self, element: Any, handler: Callable[[], None]) -> Any:
+        self.elements.append(element)
         self._handlers[id(element)] = handler
         return element
 
-    @property
-    def elements(self) -> List[ViewerElement]:
-        return [self.scene, self.colouring, self.class_filter]
+    # ------------------------------------------------------------------ FolderPanel
 
-    # ------------------------------------------------------------------ ViewerElement
-
-    def _create_gui_handle(self, viser_server: ViserServer) -> None:
-        self._folder = viser_server.gui.add_folder(self.name)
-
-    def install(self, viser_server: ViserServer) -> None:
-        self._create_gui_handle(viser_server)
-        with self._folder:
-            for element in self.elements:
-                element.install(viser_server)
-            folder = Path(tempfile.mkdtemp(prefix="gs_legend_"))
-            Image.fromarray(legend_image(self.classes, self.palette)).save(folder / "legend.png")
-            self._legend = viser_server.gui.add_markdown("**Classes**\n\n![legend](legend.png)", image_root=folder)
+    def install_extras(self, viser_server: ViserServer) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="gs_legend_"))
+        Image.fromarray(legend_image(self.classes, self.palette)).save(folder / "legend.png")
+        self._legend = viser_server.gui.add_markdown("**Classes**\n\n![legend](legend.png)", image_root=folder)
 
     def remove(self) -> None:
-        for element in self.elements:
-            element.remove()
         if self._legend is not None:
             self._legend.remove()
-        if self._folder is not None:
-            self._folder.remove()
-            self._folder = None
-
-    def set_hidden(self, hidden: bool) -> None:
-        for element in self.elements:
-            if element.gui_handle is not None:
-                element.set_hidden(hidden)
-
-    def set_disabled(self, disabled: bool) -> None:
-        for element in self.elements:
-            if element.gui_handle is not None:
-                element.set_disabled(disabled)
-
-    def set_visible(self, visible: bool) -> None:
-        self.set_hidden(not visible)
+            self._legend = None
+        super().remove()
 
     def _on_event(self, source: Any) -> None:
         handler = self._handlers.get(id(source))

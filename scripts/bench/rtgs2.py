@@ -169,7 +169,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001 (report a failing mode, keep the others)
             frames[mode] = {"error": repr(error)[:300]}
             continue
-        rgb, fmap = model.render_view("room", camera)
+        rgb, fmap, _ = model.render_view("room", camera)
         with torch.no_grad():
             net_ms = _time(lambda: model.segment_logits(rgb, fmap).argmax(1), args.repeats, warmup=5)
         frames[mode] = {"frame_ms": ms, "fps": 1e3 / ms, "fusion_argmax_ms": net_ms}

@@ -69,6 +69,7 @@ def test_restricting_the_word_placement_equals_attending_over_the_subset_only() 
     with torch.no_grad():
         subset = model(features[among], xyz[among], words, mask).responses
         masked = model.attend(model.gaussian_terms(features, xyz), words, mask, among=among).responses
-    assert torch.allclose(masked[among], subset, atol=1e-5)
+    # responses reach ~20, so float32 sums in another order differ by more than 1e-5
+    assert torch.allclose(masked[among], subset, rtol=1e-5, atol=1e-4)
     full = model(features, xyz, words, mask).responses.detach()
     assert float((masked - full).abs().max()) > 1e-2  # the placement did change

@@ -148,15 +148,20 @@ class RTGS2Model(Model):
         """Drop baked features (after the backbone changed)."""
         self._memory.clear()
 
-    def render_view(self, name: str, camera: Cameras) -> Tuple[Tensor, Tensor]:
-        """(rgb [1, 3, H, W], features [1, F, H, W]) of scene ``name`` from one camera, in one rasterization."""
+    def render_view(self, name: str, camera: Cameras, depth: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(rgb [1, 3, H, W], features [1, F, H, W], depth [H, W, 1] or None) of scene ``name`` from one camera, in
+        one rasterization."""
         scene = self.scenes[name]
         viewmat = viewmat_from_c2w(camera.camera_to_worlds.to(self.device))
         K = camera.get_intrinsics_matrices().to(self.device)
         width, height = int(camera.width.item()), int(camera.height.item())
         background = torch.tensor(self.config.background_color, device=self.device)
-        out = render_scene(scene, viewmat, K, width, height, self.scene_features(name).float(), background)
-        return out.rgb.permute(0, 3, 1, 2), out.features.permute(0, 3, 1, 2)
+        out = render_scene(scene, viewmat, K, width, height, self.scene_features(name).float(), background, depth=depth)
+        return (
+            out.rgb.permute(0, 3, 1, 2),
+            out.features.permute(0, 3, 1, 2),
+            None if out.depth is None else out.depth[0],
+        )
 
     # -------------------------------------------------------------- viewer
 
@@ -191,13 +196,13 @@ class RTGS2Model(Model):
         return self.get_outputs(batch)
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Tensor]:  # type: ignore[override]
-        """rgb, semantics (class colours), semantics_overlay, semantic_logits [H, W, C], semantic_ids, and a
-        colour view of the splatted Gaussian features, for the active scene."""
+        """rgb, semantics (class colours), semantics_overlay, semantic_logits [H, W, C], semantic_ids, a colour view
+        of the splatted Gaussian features and depth, for the active scene."""
         if self.active_scene is None:
             raise RuntimeError("rtgs2-ext has no scene to render: the pipeline registers its scenes at start-up")
-        rgb, feats = self.render_view(self.active_scene, camera)
+        rgb, feats, depth = self.render_view(self.active_scene, camera, depth=True)
         logits = self.fusion(rgb, feats).logits if self.training else self.segment_logits(rgb, feats)
-        return self.semantic_outputs(rgb[0].permute(1, 2, 0), feats[0], logits[0].float())
+        return {**self.semantic_outputs(rgb[0].permute(1, 2, 0), feats[0], logits[0].float()), "depth": depth}
 
     def segment_logits(self, rgb: Tensor, feats: Tensor) -> Tensor:
         """Inference logits [B, C, H, W] of the fusion net (autocast and compiled on CUDA as configured)."""

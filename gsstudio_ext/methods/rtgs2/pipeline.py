@@ -176,7 +176,7 @@ class RTGS2Pipeline(Pipeline):
 
     def render_train_view(self, name: str, index: int) -> ViewRender:
         camera = self.datamanager.camera(name, index, "train")
-        rgb, feats = self.model.render_view(name, camera)
+        rgb, feats, _ = self.model.render_view(name, camera)
         labels = self.datamanager.labels(name, index, "train")
         if labels is None:
             raise ValueError(f"scene {name!r} has no semantic maps (sidecars/semantics) for its train views")
@@ -223,7 +223,7 @@ class RTGS2Pipeline(Pipeline):
     @torch.no_grad()
     def segment(self, name: str, index: int) -> Tensor:
         """Long [H, W] predicted classes of test view ``index`` of scene ``name``."""
-        rgb, feats = self.model.render_view(name, self.datamanager.camera(name, index))
+        rgb, feats, _ = self.model.render_view(name, self.datamanager.camera(name, index))
         return self.model.segment_logits(rgb, feats)[0].argmax(dim=0)
 
     def confusion(self, names: List[str]) -> Dict[str, ConfusionMatrix]:
