@@ -13,7 +13,7 @@ Everything is vectorised over points (loops run only over bits and axes) and dev
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -91,6 +91,19 @@ def morton_decode(code: Tensor, depth: int = MAX_DEPTH) -> Tensor:
     return torch.stack(_deinterleave(code), dim=1)
 
 
+def _invert_or_exchange(x: List[Tensor], q: int, axes: Iterable[int]) -> None:
+    """Skilling's per-bit step, in place: where axis i has bit q set, invert the low bits of x[0]; elsewhere
+    exchange the low bits of x[0] and x[i] (axis 0 only inverts)."""
+    p = q - 1
+    for i in axes:
+        high = (x[i] & q) != 0
+        if i == 0:
+            x[0] = torch.where(high, x[0] ^ p, x[0])
+            continue
+        t = (x[0] ^ x[i]) & p
+        x[0], x[i] = torch.where(high, x[0] ^ p, x[0] ^ t), torch.where(high, x[i], x[i] ^ t)
+
+
 def hilbert_encode(grid: Tensor, depth: int = MAX_DEPTH) -> Tensor:
     """3-D Hilbert codes (Skilling 2004, "Programming the Hilbert curve": axes -> transpose -> index).
 
@@ -110,14 +123,7 @@ def hilbert_encode(grid: Tensor, depth: int = MAX_DEPTH) -> Tensor:
     # Inverse undo of the excess work (rotations/reflections), from the top bit down.
     q = 1 << (depth - 1)
     while q > 1:
-        p = q - 1
-        for i in range(3):
-            high = (x[i] & q) != 0
-            if i == 0:
-                x[0] = torch.where(high, x[0] ^ p, x[0])
-                continue
-            t = (x[0] ^ x[i]) & p
-            x[0], x[i] = torch.where(high, x[0] ^ p, x[0] ^ t), torch.where(high, x[i], x[i] ^ t)
+        _invert_or_exchange(x, q, range(3))
         q >>= 1
     # Gray encode.
     x[1] = x[1] ^ x[0]
@@ -146,14 +152,7 @@ def hilbert_decode(code: Tensor, depth: int = MAX_DEPTH) -> Tensor:
     # Undo excess work, from the low bits up.
     q = 2
     while q != top:
-        p = q - 1
-        for i in (2, 1, 0):
-            high = (x[i] & q) != 0
-            if i == 0:
-                x[0] = torch.where(high, x[0] ^ p, x[0])
-                continue
-            t = (x[0] ^ x[i]) & p
-            x[0], x[i] = torch.where(high, x[0] ^ p, x[0] ^ t), torch.where(high, x[i], x[i] ^ t)
+        _invert_or_exchange(x, q, (2, 1, 0))
         q <<= 1
     return torch.stack(x, dim=1)
 
