@@ -111,18 +111,19 @@ def refer_run(ag2_run, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten generated 64x64 scenes sharing the class list (8 train, 2 unseen), each with gaussians.ply fused from its
-    RGB-D train views; 24 views per scene, every 4th a test view."""
+    """26 generated 64x64 scenes sharing the class list (24 train, 2 unseen), each with gaussians.ply fused from its
+    RGB-D train views; 24 views per scene, every 4th a test view. With 8 train scenes (about four random-coloured
+    instances per class) the unseen-scene mIoU varied from 0.45 to 0.54 between runs; 24 give 0.62."""
     from gsstudio_ext.data.synthetic import SynthConfig, generate_scenes
 
     config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
     out = tmp_path_factory.mktemp("rtgs2_scenes") / "set"
-    generate_scenes(out, config, num_scenes=10, unseen_fraction=0.2)
+    generate_scenes(out, config, num_scenes=26, unseen_fraction=2 / 26)
     return out
 
 
 RTGS2_SSL_STEPS = 300
-RTGS2_FUSION_STEPS = 1200
+RTGS2_FUSION_STEPS = 3600
 
 
 def _train_rtgs2(data: Path, out: Path, use_features: bool):
@@ -152,3 +153,44 @@ def rtgs2_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
 def rtgs2_rgb_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
     """The RGB-only ablation of ``rtgs2_run``: the same network and Stage-B schedule with the feature input zeroed."""
     return _train_rtgs2(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2_rgb"), use_features=False)
+
+
+@pytest.fixture(scope="session")
+def romap_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One generated 64x64 mushroom (parts "stem" and "cap") with part sidecars and a gaussians.ply fused from its
+    RGB-D train views; 24 views, every 4th a test view."""
+    from gsstudio_ext.data.synthetic import SynthConfig, generate_scene
+
+    config = SynthConfig(
+        seed=1, width=64, height=64, num_objects=1, min_repeated_classes=0, num_views=24, eval_every=4,
+        fuse_gaussians=True,
+    )  # fmt: skip
+    return generate_scene(tmp_path_factory.mktemp("romap") / "mushroom", config)
+
+
+ROMAP_GALP_STEPS = 450
+ROMAP_EDIT_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def romap_run(romap_scene: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(trainer, config.yml) of romap-ext on ``romap_scene``: 3D-GALP from the clean part sidecars, then the cap
+    edited to blue with the procedural provider. ns-eval uses a tiny random CLIP (no weights offline)."""
+    from gsstudio_ext.data.multi_scene import world_frame_parser
+    from gsstudio_ext.methods.base.training import prepare_config, train
+    from gsstudio_ext.methods.romap.config import romap_trainer_config
+    from gsstudio_ext.methods.romap.model import RoMaPModelConfig
+    from gsstudio_ext.methods.romap.part_editor import PartEditorConfig
+    from gsstudio_ext.models.image_text import TinyImageTextConfig
+
+    editor = PartEditorConfig(parts=("stem", "cap"), base_prompt="a photo of a mushroom", part_source="sidecar")
+    editor.galp.steps, editor.galp.lr_dc = ROMAP_GALP_STEPS, 0.025  # as 600 steps at 0.0125
+    editor.galp.num_anchors, editor.galp.k = 100, 5  # K=1000, k=50 are for 100k+ Gaussians: here they smear parts
+    editor.edit.steps = ROMAP_EDIT_STEPS
+    model = RoMaPModelConfig(scene=romap_scene / "gaussians.ply", editor=editor)
+    config = romap_trainer_config(model)
+    config.pipeline.datamanager.dataparser = world_frame_parser()
+    config.pipeline.edit_part, config.pipeline.edit_prompt = "cap", "blue"
+    config.pipeline.edit_eval.clip = TinyImageTextConfig()
+    config = prepare_config(config, romap_scene, tmp_path_factory.mktemp("romap_run"), ROMAP_GALP_STEPS, "cpu")
+    return train(config)
