@@ -134,3 +134,20 @@ def drop_small_masks(
         m = m & (a >= alpha_thresh)[None]
     idx = torch.nonzero(m.reshape(m.shape[0], -1).sum(1) > min_area).reshape(-1)
     return m[idx], idx
+
+
+def dilate_mask(mask: Tensor, radius: int) -> Tensor:
+    """Bool mask [..., H, W] grown by ``radius`` pixels with a square (Chebyshev) structuring element."""
+    if radius < 0:
+        raise ValueError(f"dilation radius must be >= 0, got {radius}")
+    mask = mask.bool()
+    if radius == 0:
+        return mask.clone()
+    x = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    x = torch.nn.functional.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
+    return (x > 0.5).reshape(mask.shape)
+
+
+def erode_mask(mask: Tensor, radius: int) -> Tensor:
+    """Bool mask [..., H, W] shrunk by ``radius`` pixels (square element; outside the image counts as inside)."""
+    return ~dilate_mask(~mask.bool(), radius)

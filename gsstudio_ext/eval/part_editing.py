@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsstudio_ext.core.atomic import atomic_write, write_json_atomic
+from gsstudio_ext.core.masks import dilate_mask
 
 REPORT_JSON = "edit_report.json"
 REPORT_MD = "edit_report.md"
@@ -75,17 +76,6 @@ def clip_directional_similarity(
     return float(F.cosine_similarity(img_dir, txt_dir, dim=-1).mean())
 
 
-def _dilate(masks: Tensor, radius: int) -> Tensor:
-    """Bool[..., H, W] grown by ``radius`` px (square element; same rule as methods.romap.local_edit.dilate_mask)."""
-    if radius < 0:
-        raise ValueError(f"dilation radius must be >= 0, got {radius}")
-    if radius == 0:
-        return masks.bool()
-    x = masks.reshape(-1, 1, *masks.shape[-2:]).float()
-    x = F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
-    return (x > 0.5).reshape(masks.shape)
-
-
 def locality(before: Tensor, after: Tensor, masks2d: Tensor, dilate_px: int = 2) -> float:
     """Mean |after - before| over channels and over the pixels outside the ``dilate_px``-dilated part masks.
 
@@ -97,7 +87,7 @@ def locality(before: Tensor, after: Tensor, masks2d: Tensor, dilate_px: int = 2)
         masks2d = masks2d[None]
     if masks2d.shape != (before.shape[0], *before.shape[2:]):
         raise ValueError(f"masks2d must be Bool[{before.shape[0]}, {before.shape[2]}, {before.shape[3]}]")
-    outside = ~_dilate(masks2d.to(before.device).bool(), dilate_px)
+    outside = ~dilate_mask(masks2d.to(before.device).bool(), dilate_px)
     if not bool(outside.any()):
         raise ValueError("the dilated part masks cover every pixel: locality is undefined")
     diff = (after.float() - before.float()).abs().mean(dim=1)  # [B, H, W]

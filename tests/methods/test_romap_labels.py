@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gsstudio_ext.core.masks import dilate_mask
 from gsstudio_ext.core.sh import sh_basis
 from gsstudio_ext.data.sidecars import write_parts, write_scene_meta
 from gsstudio_ext.methods.romap.galp import knn_indices, neighbour_loss, softness
@@ -21,7 +22,7 @@ from gsstudio_ext.methods.romap.labels import (
     part_map_2d,
     part_prototypes,
 )
-from gsstudio_ext.methods.romap.part_targets import SidecarPartTargetsConfig, compose_part_target, dilate
+from gsstudio_ext.methods.romap.part_targets import SidecarPartTargetsConfig, compose_part_target
 
 
 def _viewmat(center: torch.Tensor) -> torch.Tensor:
@@ -276,7 +277,7 @@ def test_noise_boundary_is_deterministic_and_local(part_dataset):
         edges = torch.zeros_like(diff)
         for label in gt.unique():
             region = gt == label
-            edges |= dilate(region, 2) & dilate(~region, 2)
+            edges |= dilate_mask(region, 2) & dilate_mask(~region, 2)
         assert not bool((diff & ~edges).any())  # changes stay within boundary_px = 2 of a GT boundary
     assert changed > 0
     assert any(not torch.equal(a.noisy_labels(v), other.noisy_labels(v)) for v in range(6))

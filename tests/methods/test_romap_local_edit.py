@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gsstudio_ext.core.masks import dilate_mask
 from gsstudio_ext.core.scene import GaussianScene
 from gsstudio_ext.core.scene_render import render_scene
 from gsstudio_ext.core.sh import RGB2SH, sh_to_view_colors
@@ -16,7 +17,6 @@ from gsstudio_ext.methods.romap.edit_targets import ProceduralEditConfig
 from gsstudio_ext.methods.romap.local_edit import (
     EditViews,
     PartEditConfig,
-    dilate_mask,
     masked_gradient_hook,
     part_mask2d,
     remove_prior,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gsstudio_ext.core.masks import dilate_mask
 from gsstudio_ext.core.scene_render import render_scene
-from gsstudio_ext.methods.romap.local_edit import EditViews, dilate_mask, part_mask2d
+from gsstudio_ext.methods.romap.local_edit import EditViews, part_mask2d
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
 
+from gsstudio_ext.core.masks import dilate_mask
 from gsstudio_ext.core.param_surgery import append_rows, keep_rows
 from gsstudio_ext.core.rasterize import rasterize
 from gsstudio_ext.core.scene import GaussianScene
@@ -54,19 +55,6 @@ def part_mask2d(scene: GaussianScene, mask3d: Tensor, views: EditViews, threshol
     with torch.no_grad():
         out = render_scene(scene, views.viewmats, views.Ks, views.width, views.height, features=mask3d[:, None].float())
     return out.features[..., 0] > threshold
-
-
-def dilate_mask(mask2d: Tensor, radius: int) -> Tensor:
-    """Bool mask [..., H, W] grown by ``radius`` pixels with a square (Chebyshev) structuring element."""
-    if radius < 0:
-        raise ValueError(f"dilation radius must be >= 0, got {radius}")
-    mask2d = mask2d.bool()
-    if radius == 0:
-        return mask2d.clone()
-    lead = mask2d.shape[:-2]
-    x = mask2d.reshape(-1, 1, *mask2d.shape[-2:]).float()
-    x = F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
-    return (x > 0.5).reshape(*lead, *mask2d.shape[-2:])
 
 
 def remove_prior(scene: GaussianScene, mask3d: Tensor) -> GaussianScene:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
+from gsstudio_ext.core.masks import dilate_mask, erode_mask
 from gsstudio_ext.core.metrics import resize_nearest
 from gsstudio_ext.data import layout
 from gsstudio_ext.data.sidecars import read_parts, read_scene_meta
@@ -83,19 +84,6 @@ def compose_part_target(
         a = torch.where(target.sum(dim=0) > EXCLUSIVE_SUM, torch.zeros_like(a), a)
         target = target + a[None] * prototypes[j].to(a)[:, None, None]
     return minmax(target)
-
-
-def dilate(mask: Tensor, radius: int) -> Tensor:
-    """Bool[H, W] dilated by a (2r+1)^2 square."""
-    if radius <= 0:
-        return mask
-    pooled = F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)
-    return pooled[0, 0] > 0
-
-
-def erode(mask: Tensor, radius: int) -> Tensor:
-    """Bool[H, W] eroded by a (2r+1)^2 square (outside the image counts as inside the mask)."""
-    return ~dilate(~mask, radius)
 
 
 def exclusive_labels(masks: Tensor) -> Tensor:
@@ -219,7 +207,7 @@ class SidecarPartTargets(PartTargetSource):
         for mask in masks:
             dilating = bool(morph_rng.random() < 0.5)
             radius = int(np.floor(morph_rng.random() * (self.config.boundary_px + 1)))
-            noisy.append(dilate(mask, radius) if dilating else erode(mask, radius))
+            noisy.append(dilate_mask(mask, radius) if dilating else erode_mask(mask, radius))
         flip_rng = np.random.default_rng([seed, view, 1])  # own stream: boundary_px does not change the flips
         flip = bool(flip_rng.random() < self.config.flip_prob)
         pair = flip_rng.permutation(len(noisy))[:2]
