@@ -25,16 +25,14 @@ from nerfstudio.viewer.viewer_elements import ViewerControl
 from torch import Tensor
 from torch.nn import Parameter
 
-from gsstudio_ext.core.checkpoint import load_scene
 from gsstudio_ext.core.contributions import contributions_and_footprint
 from gsstudio_ext.core.frustum import in_frustum
-from gsstudio_ext.core.scene import GaussianScene
-from gsstudio_ext.core.sh import SH2RGB
 from gsstudio_ext.data.expression_table import ExpressionTable, target_masks
 from gsstudio_ext.methods.base.frozen_strategy import FrozenStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
 from gsstudio_ext.methods.base.queries import QueryConfig, QueryState
 from gsstudio_ext.methods.base.scene_export import export_selection
+from gsstudio_ext.methods.base.trained_scene import load_trained_scene, scene_params
 from gsstudio_ext.methods.referspat.attention import PCMI, GaussianTerms, PCMIConfig, PCMIOutput
 from gsstudio_ext.methods.referspat.losses import gtcl_loss, rho_at, sentence_embeddings
 from gsstudio_ext.models.text import BertTextConfig, MiniLMTextConfig, TextEncoder, TinyTextConfig
@@ -126,7 +124,7 @@ class ReferModel(FeatureSplatfactoModel):
     # ------------------------------------------------------------------ set-up
 
     def populate_modules(self) -> None:
-        self._scene = self._load_scene()
+        self._scene, self._scene_problem = load_trained_scene(self.config.scene)
         if self._scene is not None:
             self.config.sh_degree = self._scene.sh_degree
         super().populate_modules()
@@ -145,30 +143,9 @@ class ReferModel(FeatureSplatfactoModel):
             text=query.text, negatives=", ".join(query.negatives), threshold=self.threshold(), mode=query.mode,
         )  # fmt: skip
 
-    def _load_scene(self) -> Optional[GaussianScene]:
-        """The trained scene of ``config.scene``; None (the reason kept for training) when there is none. A reloaded
-        run gets its Gaussians from its own checkpoint, so ns-eval / ns-render need no scene file."""
-        path = self.config.scene
-        if path is None:
-            self._scene_problem = "no trained scene given"
-            return None
-        if not Path(path).exists():
-            self._scene_problem = f"the scene {path} does not exist"
-            return None
-        scene = load_scene(path)
-        if Path(path).suffix.lower() == ".ply" and scene.sh_degree == 0:  # splatfacto keeps degree-0 colours as logits
-            scene.sh_dc = torch.logit(SH2RGB(scene.sh_dc).clamp(1e-4, 1 - 1e-4))
-        return scene
-
     def init_gaussian_params(self, points: Tensor, colors: Optional[Tensor], generator: torch.Generator):
-        if self._scene is None:
-            params = {key: torch.zeros(0, 3) for key in ("means", "scales", "features_dc")}
-            params.update(quats=torch.zeros(0, 4), opacities=torch.zeros(0, 1))
-            params["features_rest"] = torch.zeros(0, (self.config.sh_degree + 1) ** 2 - 1, 3)
-        else:
-            params = self._scene.to_splatfacto_params(include_extras=False)
-            self._scene = None  # the parameters hold it now
-        params = {key: value.float() for key, value in params.items()}
+        params = scene_params(self._scene, self.config.sh_degree)
+        self._scene = None  # the parameters hold it now
         params["referring"] = torch.zeros(params["means"].shape[0], self.config.attention.feature_dim)
         return params
 

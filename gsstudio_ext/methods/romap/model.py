@@ -22,13 +22,12 @@ from nerfstudio.cameras.cameras import Cameras
 from torch import Tensor
 from torch.nn import Parameter
 
-from gsstudio_ext.core.checkpoint import load_scene
 from gsstudio_ext.core.ply import write_ply
 from gsstudio_ext.core.scene import GaussianScene
 from gsstudio_ext.core.scene_render import render_scene
-from gsstudio_ext.core.sh import SH2RGB
 from gsstudio_ext.methods.base.frozen_strategy import FrozenStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
+from gsstudio_ext.methods.base.trained_scene import load_trained_scene, scene_params
 from gsstudio_ext.methods.romap.galp import NeighbourTerm, seg_loss
 from gsstudio_ext.methods.romap.labels import assign_parts_3d, init_label_sh, label_colors, part_prototypes
 from gsstudio_ext.methods.romap.local_edit import EditViews
@@ -77,7 +76,7 @@ class RoMaPModel(FeatureSplatfactoModel):
     # ------------------------------------------------------------------ set-up
 
     def populate_modules(self) -> None:
-        self._scene = self._load_scene()
+        self._scene, self._scene_problem = load_trained_scene(self.config.scene)
         if self._scene is not None:
             self.config.sh_degree = self._scene.sh_degree
         super().populate_modules()
@@ -89,28 +88,9 @@ class RoMaPModel(FeatureSplatfactoModel):
         editor = self.config.editor
         self.edit_panel = EditPanel(self.edit_actions(), editor.parts, editor.base_prompt)
 
-    def _load_scene(self) -> Optional[GaussianScene]:
-        path = self.config.scene
-        if path is None:
-            self._scene_problem = "no trained scene given"
-            return None
-        if not Path(path).exists():
-            self._scene_problem = f"the scene {path} does not exist"
-            return None
-        scene = load_scene(path)
-        if Path(path).suffix.lower() == ".ply" and scene.sh_degree == 0:  # splatfacto keeps degree-0 colours as logits
-            scene.sh_dc = torch.logit(SH2RGB(scene.sh_dc).clamp(1e-4, 1 - 1e-4))
-        return scene
-
     def init_gaussian_params(self, points: Tensor, colors: Optional[Tensor], generator: torch.Generator):
-        if self._scene is None:
-            params = {key: torch.zeros(0, 3) for key in ("means", "scales", "features_dc")}
-            params.update(quats=torch.zeros(0, 4), opacities=torch.zeros(0, 1))
-            params["features_rest"] = torch.zeros(0, (self.config.sh_degree + 1) ** 2 - 1, 3)
-        else:
-            params = self._scene.to_splatfacto_params(include_extras=False)
-            self._scene = None
-        params = {key: value.float() for key, value in params.items()}
+        params = scene_params(self._scene, self.config.sh_degree)
+        self._scene = None  # the parameters hold it now
         galp = self.config.editor.galp
         labels = init_label_sh(params["means"].shape[0], galp.sh_degree, galp.init_color)
         params["part_labels_dc"], params["part_labels_rest"] = labels[:, :1], labels[:, 1:]
