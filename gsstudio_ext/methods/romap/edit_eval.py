@@ -19,7 +19,8 @@ from gsstudio_ext.methods.romap.labels import (
     part_prototypes,
     render_label_field,
 )
-from gsstudio_ext.methods.romap.local_edit import EditViews, part_mask2d
+from gsstudio_ext.methods.romap.local_edit import EditViews
+from gsstudio_ext.methods.romap.part_editor import parse_parts
 from gsstudio_ext.methods.romap.part_targets import SidecarPartTargetsConfig
 from gsstudio_ext.models.errors import MissingWeightsError
 from gsstudio_ext.models.image_text import ImageTextEncoderConfig, OpenCLIPImageTextConfig
@@ -52,10 +53,13 @@ class EditEvalResult(NamedTuple):
     prompt: str
 
 
-def _render(scene: GaussianScene, views: EditViews, background: Tensor) -> Tensor:
+def _render(scene: GaussianScene, views: EditViews, background: Tensor, mask3d: Optional[Tensor] = None):
+    """RGB Float[V, 3, H, W] and, with ``mask3d``, the 2D masks Bool[V, H, W] of those Gaussians (one pass)."""
+    features = None if mask3d is None else mask3d[:, None].float()
     with torch.no_grad():
-        out = render_scene(scene, views.viewmats, views.Ks, views.width, views.height, background=background)
-    return out.rgb.permute(0, 3, 1, 2)
+        out = render_scene(scene, views.viewmats, views.Ks, views.width, views.height, features, background)
+    masks = None if mask3d is None else out.features[..., 0] > 0.5  # as part_mask2d
+    return out.rgb.permute(0, 3, 1, 2), masks
 
 
 def evaluate_edit(model, datamanager, config: EditEvalConfig) -> EditEvalResult:
@@ -81,11 +85,10 @@ def evaluate_edit(model, datamanager, config: EditEvalConfig) -> EditEvalResult:
         return EditEvalResult(metrics, None, None, None, "", "")
     last = records[-1]
     background = model.background_color.to(model.device)
-    before = _render(original, views, background)  # every edit of the history against the original
-    after = _render(edited.to(model.device), views, background)
     edited_parts = [list(parts).index(r["part"]) + 1 for r in records if r["part"] in parts]
     mask3d = torch.isin(model.original_part_ids(), torch.tensor(edited_parts, device=model.device))
-    masks2d = part_mask2d(original, mask3d, views)
+    before, masks2d = _render(original, views, background, mask3d)  # every edit of the history vs the original
+    after = _render(edited.to(model.device), views, background)[0]
     metrics["edit_locality"] = locality(before, after, masks2d, config.locality_dilation)
     if config.clip is not None:
         try:
@@ -106,7 +109,7 @@ def _part_miou(model, scene: GaussianScene, views: EditViews, stems) -> Optional
     editor = model.config.editor
     try:
         gt_source = SidecarPartTargetsConfig(
-            seg_list=tuple(tuple(p.split("+")) for p in editor.parts), dataset=Path(model.dataset), stems=tuple(stems),
+            seg_list=parse_parts(editor.parts), dataset=Path(model.dataset), stems=tuple(stems),
             object_name=editor.sidecar_object, size=(views.height, views.width), noise=False,
         ).setup()  # fmt: skip
     except ValueError:

@@ -34,7 +34,7 @@ from gsstudio_ext.methods.romap.labels import (
     labels_to_sh,
     part_prototypes,
 )
-from gsstudio_ext.methods.romap.local_edit import EditViews, PartEditConfig, part_mask2d, remove_prior, run_part_edit
+from gsstudio_ext.methods.romap.local_edit import EditViews, PartEditConfig, remove_prior, run_part_edit
 from gsstudio_ext.methods.romap.part_attention import PartAttentionConfig
 from gsstudio_ext.methods.romap.part_targets import PartTargetSource, SidecarPartTargetsConfig
 from gsstudio_ext.methods.romap.rfds import RFDSConfig, rfds_loss, view_prompt
@@ -229,17 +229,17 @@ class PartEditor:
         mask3d = self.part_ids() == index
         if not bool(mask3d.any()):
             raise ValueError(f"part {part!r} holds no Gaussian: segment again or change the part words")
-        masks2d = part_mask2d(scene, mask3d, self.views)
-        edit_config = self.config.edit
-        edit_config.background = tuple(float(b) for b in self.background)
+        edit_config = replace(self.config.edit, background=tuple(float(b) for b in self.background))
+        views = range(self.views.viewmats.shape[0])
         if self.config.edit_target == "procedural":
             provider = ProceduralEdit(self.config.procedural)
-            images, positions = self._render_all(scene)
+            images, positions, masks2d = self._render_views(scene, views, mask3d, positions=True)
             targets = provider.edit_views(images, masks2d, prompt, positions)
             result = run_part_edit(scene, mask3d, self.views, targets, masks2d, edit_config, None, progress)
         else:
             provider = SLaMPTarget(replace(self.config.slamp, size=self.config.diffusion_size), self.diffusion())
-            result = self._slamp_edit(provider, scene, mask3d, masks2d, prompt, progress)
+            masks2d = self._render_views(scene, views, mask3d)[2]
+            result = self._slamp_edit(provider, scene, mask3d, masks2d, prompt, edit_config, progress)
         new_labels = labels.new_zeros(result.scene.num_gaussians, *labels.shape[1:])
         new_labels[~result.mask3d] = labels[~mask3d]
         part_sh = labels_to_sh(torch.full((int(result.mask3d.sum()),), index), self.prototypes, self._degree())
@@ -262,6 +262,7 @@ class PartEditor:
         mask3d: Tensor,
         masks2d: Tensor,
         prompt: str,
+        edit_config: PartEditConfig,
         progress: Optional[Progress],
     ):
         c, v = self.config, self.views
@@ -269,11 +270,12 @@ class PartEditor:
         anchors = sorted(
             {(c.reference_view + round(i * num / max(c.anchor_views, 1))) % num for i in range(max(c.anchor_views, 1))}
         )
-        prior_free = self._render_all(remove_prior(scene, mask3d) if c.edit.remove_prior else scene)[0]
-        targets = prior_free.clone()
+        # only the anchors carry the L1 term: the other views' targets are never read (their L1 mask is empty)
+        prior_free = self._render_views(remove_prior(scene, mask3d) if c.edit.remove_prior else scene, anchors)[0]
+        targets = torch.zeros(num, 3, v.height, v.width, device=masks2d.device)
         l1_masks = torch.zeros_like(masks2d)
-        for a in anchors:
-            targets[a] = provider.edit(prior_free[a], masks2d[a], prompt, a)
+        for image, a in zip(prior_free, anchors):
+            targets[a] = provider.edit(image, masks2d[a], prompt, a)
             l1_masks[a] = masks2d[a]
         guidance = None
         if c.use_sds:
@@ -294,42 +296,39 @@ class PartEditor:
                     gen,
                 )
 
-        return run_part_edit(scene, mask3d, v, targets, l1_masks, c.edit, guidance, progress)
+        return run_part_edit(scene, mask3d, v, targets, l1_masks, edit_config, guidance, progress)
 
     # ------------------------------------------------------------------ rendering
 
     def _render_rgb(self, view: int) -> Tensor:
         """Float[3, H, W] of the current scene at training view ``view``."""
-        v = self.views
-        with torch.no_grad():
-            out = render_scene(
-                self.scene,
-                v.viewmats[view : view + 1],
-                v.Ks[view : view + 1],
-                v.width,
-                v.height,
-                background=self.background,
-            )
-        return out.rgb[0].permute(2, 0, 1)
+        return self._render_views(self.scene, [view])[0][0]
 
-    def _render_all(self, scene: GaussianScene) -> Tuple[Tensor, Tensor]:
-        """RGB Float[V, 3, H, W] and world points Float[V, H, W, 3] of ``scene`` at every training view."""
+    def _render_views(
+        self, scene: GaussianScene, views: Sequence[int], mask3d: Optional[Tensor] = None, positions: bool = False
+    ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """One pass per view of ``scene``: RGB Float[V, 3, H, W]; with ``positions`` the world points Float[V, H, W,
+        3] of the rendered depth; with ``mask3d`` the 2D part masks Bool[V, H, W] (blended share of the part > 0.5,
+        as :func:`part_mask2d`)."""
         v = self.views
-        images, points = [], []
+        features = None if mask3d is None else mask3d[:, None].float()
+        images, points, masks = [], [], []
         with torch.no_grad():
-            for i in range(v.viewmats.shape[0]):
+            for i in views:
                 out = render_scene(
-                    scene,
-                    v.viewmats[i : i + 1],
-                    v.Ks[i : i + 1],
-                    v.width,
-                    v.height,
-                    background=self.background,
-                    depth=True,
-                )
+                    scene, v.viewmats[i : i + 1], v.Ks[i : i + 1], v.width, v.height, features, self.background,
+                    depth=positions,
+                )  # fmt: skip
                 images.append(out.rgb[0].permute(2, 0, 1))
-                points.append(unproject_depth(out.depth[0], v.viewmats[i], v.Ks[i]))
-        return torch.stack(images), torch.stack(points)
+                if positions:
+                    points.append(unproject_depth(out.depth[0], v.viewmats[i], v.Ks[i]))
+                if features is not None:
+                    masks.append(out.features[0, ..., 0] > 0.5)
+        return (
+            torch.stack(images),
+            torch.stack(points) if points else None,
+            torch.stack(masks) if masks else None,
+        )
 
 
 def _square(render: Tensor, provider: SLaMPTarget) -> Tensor:
