@@ -25,7 +25,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_scene_list_splits_and_classes(rtgs2_scenes: Path) -> None:
     entries, classes = read_scene_list(rtgs2_scenes)
-    assert [e.split for e in entries] == ["train"] * 8 + ["unseen"] * 2
+    assert [e.split for e in entries] == ["train"] * 24 + ["unseen"] * 2
     assert classes == class_list()
     assert all(e.gaussians == e.root / "gaussians.ply" and e.gaussians.is_file() for e in entries)
     single, single_classes = read_scene_list(entries[0].root)
