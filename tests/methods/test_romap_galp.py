@@ -14,7 +14,7 @@ from torch import Tensor
 from gsstudio_ext.core.cameras import viewmat_from_c2w
 from gsstudio_ext.core.ply import read_ply
 from gsstudio_ext.core.scene import GaussianScene
-from gsstudio_ext.methods.romap.galp import GALPConfig, fit_part_labels, naive_label_average
+from gsstudio_ext.methods.romap.galp import GALPConfig, OutlierViews, fit_part_labels, naive_label_average
 from gsstudio_ext.methods.romap.labels import labels_to_sh, part_map_2d, render_label_field
 from gsstudio_ext.methods.romap.part_targets import (
     PartTargetSource,
@@ -106,14 +106,29 @@ def test_naive_label_average_visibility_and_majority():
     assert labels.tolist() == [2, 0, 3, 0, 0]
 
 
+def test_outlier_views_trim_a_disagreeing_view_until_it_agrees():
+    trim = OutlierViews(3, factor=1.5)
+    seg = torch.tensor(4.0, requires_grad=True)
+    assert trim(0, seg) is seg and trim(1, torch.tensor(1.0)).item() == 1.0  # until every view has a loss
+    assert trim(2, torch.tensor(1.25)).item() == 1.25
+    assert trim(0, seg).item() == 0.0 and trim.outliers == [0]  # 4 > 1.5 x median 1.25
+    trimmed = trim(0, seg)
+    trimmed.backward()
+    assert seg.grad.item() == 0.0  # no gradient from a trimmed view
+    assert trim(0, torch.tensor(1.5)).item() == 1.5 and trim.outliers == []  # back once the field explains it
+    assert OutlierViews(2, None)(0, seg) is seg
+
+
 # ====================================================================================================== acceptance
 SEG_LIST = (("body",), ("lid",))
-NOISE = dict(boundary_px=0, flip_prob=0.2, seed=0)
-"""Target noise of the acceptance test: whole-view body/lid swaps in 20 % of the views (4 of 18 with seed 0), no
-boundary erosion/dilation. Measured on this scene (300 steps): clean targets GALP 0.870 / naive 0.809; swaps only
-0.851 / 0.800 (noise seed 2: 0.821 / 0.797); boundary_px=1 0.812 / 0.809; boundary_px=2 (the default) 0.778 / 0.798.
-Boundary noise costs the L1 fit more than the majority vote: per-channel L1 between two parts and the black gaps
-that erosion leaves drags boundary labels toward black, while the vote keeps the mode."""
+NOISE = dict(boundary_px=2, flip_prob=0.2, seed=0)
+"""Target noise of the acceptance test (the model's defaults): per view and part an erosion or dilation of radius
+0-2 px, and whole-view body/lid swaps in 20 % of the views (4 of 18 with seed 0); the noisy train maps score mIoU
+0.52 against the clean ones. Measured on this scene (300 steps), GALP / naive averaging: this noise 0.830 / 0.798,
+noise seed 1 0.791 / 0.781, seed 2 0.822 / 0.770; boundary noise only 0.841 / 0.827; clean 0.870 / 0.809. Without
+trimming outlier views (outlier_factor=None) this noise gives 0.778: per-channel L1 to one-hot colours takes the
+median per channel, which turns three-way splits (part, other part, eroded gap) black, where the vote keeps the mode.
+"""
 GALP = GALPConfig(steps=300, lr_dc=0.025, num_anchors=100, k=5)
 """Spec values except: half the steps at twice the DC rate (the same result here, half the time), and anchors /
 neighbours scaled down to a scene of ~7k Gaussians (K = 1000, k = 50 would tie most Gaussians of so small a scene
@@ -164,16 +179,15 @@ def test_galp_beats_naive_averaging_on_held_out_views(box_scene: Path):
     targets = SidecarPartTargetsConfig(dataset=root, seg_list=SEG_LIST, split="train", **NOISE).setup()
     truth = SidecarPartTargetsConfig(dataset=root, seg_list=SEG_LIST, split="test", noise=False).setup()
     assert targets.num_views == 18 and truth.num_views == 6
-    clean = SidecarPartTargetsConfig(dataset=root, seg_list=SEG_LIST, split="train", noise=False).setup()
-    flipped = [v for v in range(18) if not torch.equal(targets.noisy_labels(v), clean.gt_labels(v))]
-    assert len(flipped) >= 3  # the noise is really there (4 of 18 views swap body and lid with seed 0)
 
     losses = []
     label_sh = fit_part_labels(scene, train_vm, train_K, 96, 96, targets, GALP, lambda s, n, loss: losses.append(loss))
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.65 * first  # observed 3.45 -> 1.88; swapped views keep ~4 (they disagree with the field)
+    assert last < 0.65 * first  # the trimmed swapped views count 0
 
     noisy_maps = torch.stack([targets.noisy_labels(v) for v in range(18)])
+    clean = SidecarPartTargetsConfig(dataset=root, seg_list=SEG_LIST, split="train", noise=False).setup()
+    assert part_miou(noisy_maps, torch.stack([clean.gt_labels(v) for v in range(18)]), 2)[0] < 0.6  # 0.52: it is noisy
     naive = naive_label_average(scene, train_vm, train_K, 96, 96, noisy_maps, targets.num_parts)
     gt = torch.stack([truth.gt_labels(v) for v in range(6)])
     protos = targets.prototypes
@@ -184,5 +198,5 @@ def test_galp_beats_naive_averaging_on_held_out_views(box_scene: Path):
     naive_miou, naive_ious = part_miou(naive_pred, gt, targets.num_parts)
     print(f"L_A {first:.2f} -> {last:.2f}; part mIoU GALP {galp_miou:.3f} {galp_ious}")
     print(f"part mIoU naive averaging {naive_miou:.3f} {naive_ious}")
-    assert galp_miou >= 0.8  # observed 0.851 (body 0.807, lid 0.895)
-    assert galp_miou > naive_miou  # observed naive 0.800 (body 0.750, lid 0.850)
+    assert galp_miou >= 0.8  # observed 0.830
+    assert galp_miou > naive_miou  # observed naive 0.798

@@ -192,6 +192,10 @@ class GALPConfig:
     target_min_sum: Optional[float] = None
     """Count only pixels whose target colour sum is >= this (the code uses 0.5 for generated assets); None = all
     pixels, as for reconstructed scenes [C]."""
+    outlier_factor: Optional[float] = 1.5
+    """A view whose latest L_seg exceeds this multiple of the median over the training views is left out of L_seg
+    while it stays so, e.g. a view whose attention swapped two parts [I: robust to view-inconsistent targets; None =
+    every view counts, as the code]. See :class:`OutlierViews`."""
     seed: int = 0
     """Seed of the view order and the neighbour subsampling [I]."""
     backend: Literal["auto", "gsplat", "torch"] = "auto"
@@ -233,6 +237,30 @@ class NeighbourTerm:
             )
             self.pairs = neighbour_pairs(self.means, soft, cfg.num_anchors, cfg.k, cfg.max_points, self.generator)
         return cfg.neighbour_weight * pair_l1(label_sh[:, 0], *self.pairs)
+
+
+class OutlierViews:
+    """Trims view-inconsistent part targets from L_seg [I]: ``trim(view, seg)`` records the view's latest loss and
+    returns ``seg``, or ``0 * seg`` once every view has been seen and this one's loss exceeds ``factor`` x the median
+    over the views. The field then follows the views that agree; an outlier view comes back when the field explains
+    it again. ``factor`` None keeps every view."""
+
+    def __init__(self, num_views: int, factor: Optional[float]) -> None:
+        self.factor = factor
+        self.losses = torch.full((int(num_views),), math.nan)
+
+    def __call__(self, view: int, seg: Tensor) -> Tensor:
+        self.losses[view] = float(seg.detach())
+        if self.factor is None or bool(self.losses.isnan().any()):
+            return seg
+        return seg * 0.0 if bool(self.losses[view] > self.factor * self.losses.median()) else seg
+
+    @property
+    def outliers(self) -> List[int]:
+        """Views currently left out."""
+        if self.factor is None or bool(self.losses.isnan().any()):
+            return []
+        return torch.nonzero(self.losses > self.factor * self.losses.median()).flatten().tolist()
 
 
 def _adam(groups: list, eps: float) -> torch.optim.Adam:
@@ -282,6 +310,7 @@ def fit_part_labels(
     base_lrs = [group["lr"] for group in optim.param_groups]
     order: List[int] = []
     neighbours = NeighbourTerm(means, viewmats, prototypes, config)
+    trim = OutlierViews(num_views, config.outlier_factor)
     for step in range(config.steps):
         decay = config.lr_final_factor ** (step / max(config.steps - 1, 1))
         for group, base in zip(optim.param_groups, base_lrs):
@@ -296,7 +325,7 @@ def fit_part_labels(
             backend=config.backend,
         )  # fmt: skip
         target = targets.targets(v).to(device=device, dtype=dtype).permute(1, 2, 0)  # [H, W, 3]
-        loss = seg_loss(render[0], target, config)
+        loss = trim(v, seg_loss(render[0], target, config))
         neighbour = neighbours(label_sh, step)
         if neighbour is not None:
             loss = loss + neighbour

@@ -28,7 +28,7 @@ from gsstudio_ext.core.scene_render import render_scene
 from gsstudio_ext.methods.base.frozen_strategy import FrozenStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
 from gsstudio_ext.methods.base.trained_scene import load_trained_scene, scene_params
-from gsstudio_ext.methods.romap.galp import NeighbourTerm, seg_loss
+from gsstudio_ext.methods.romap.galp import NeighbourTerm, OutlierViews, seg_loss
 from gsstudio_ext.methods.romap.labels import assign_parts_3d, init_label_sh, label_colors, part_prototypes
 from gsstudio_ext.methods.romap.local_edit import EditViews
 from gsstudio_ext.methods.romap.part_editor import EditRecord, PartEditor, PartEditorConfig
@@ -71,6 +71,7 @@ class RoMaPModel(FeatureSplatfactoModel):
     stems: Optional[List[str]] = None
     _editor: Optional[PartEditor] = None
     _neighbours: Optional[NeighbourTerm] = None
+    _outlier_views: Optional[OutlierViews] = None
     _scene_problem: Optional[str] = None
 
     # ------------------------------------------------------------------ set-up
@@ -167,7 +168,11 @@ class RoMaPModel(FeatureSplatfactoModel):
         if editor.label_sh is not None:
             with torch.no_grad():
                 for key, value in zip(LABEL_KEYS, (editor.label_sh[:, :1], editor.label_sh[:, 1:])):
-                    self.gauss_params[key] = Parameter(value.to(self.device).clone(), requires_grad=True)
+                    value = value.to(self.gauss_params[key])
+                    if value.shape == self.gauss_params[key].shape:  # in place: the trainer's optimizer keeps it
+                        self.gauss_params[key].copy_(value)
+                    else:
+                        self.gauss_params[key] = Parameter(value.clone(), requires_grad=True)
         if editor.history:
             record = editor.history[-1]
             params = record.scene.to_splatfacto_params(include_extras=False)
@@ -198,13 +203,15 @@ class RoMaPModel(FeatureSplatfactoModel):
         """L_seg (label render vs the view's part target) + the anchor neighbour term of 3D-GALP."""
         if self.part_targets is None:
             raise RuntimeError("romap-ext needs part targets (the pipeline builds them from --pipeline.model.editor)")
-        target = self.part_targets.targets(int(batch["image_idx"])).to(self.device).permute(1, 2, 0)
+        view = int(batch["image_idx"])
+        target = self.part_targets.targets(view).to(self.device).permute(1, 2, 0)
         galp = self.config.editor.galp
-        losses = {"part_seg": seg_loss(outputs["parts"], target, galp)}
-        if self._neighbours is None:
+        if self._neighbours is None or self._outlier_views is None:
             assert self.train_views is not None
+            self._outlier_views = OutlierViews(self.train_views.viewmats.shape[0], galp.outlier_factor)
             prototypes = part_prototypes(len(self.config.editor.parts), device=self.device)
             self._neighbours = NeighbourTerm(self.means.detach(), self.train_views.viewmats, prototypes, galp)
+        losses = {"part_seg": self._outlier_views(view, seg_loss(outputs["parts"], target, galp))}
         neighbour = self._neighbours(self.label_sh, self.step)
         if neighbour is not None:
             losses["part_neighbours"] = neighbour
