@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -193,4 +194,38 @@ def romap_run(romap_scene: Path, tmp_path_factory: pytest.TempPathFactory):
     config.pipeline.edit_part, config.pipeline.edit_prompt = "cap", "blue"
     config.pipeline.edit_eval.clip = TinyImageTextConfig()
     config = prepare_config(config, romap_scene, tmp_path_factory.mktemp("romap_run"), ROMAP_GALP_STEPS, "cpu")
+    return train(config)
+
+
+RL3DEDIT_REFIT_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def rl3dedit_run(romap_scene: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(trainer, config.yml) of rl3dedit-ext on the fused mushroom of ``romap_scene``, cropped to the mushroom (~3.6k
+    Gaussians): 9 views painted "blue" by the offline procedural editor, then the refit (the SH lr x 10 lets a
+    recolour travel in 200 steps as far as in 3000 at 3DGS's lr). ns-eval uses a tiny random CLIP."""
+    import json
+
+    from gsstudio_ext.core.ply import read_ply, write_ply
+    from gsstudio_ext.data.multi_scene import world_frame_parser
+    from gsstudio_ext.methods.base.training import prepare_config, train
+    from gsstudio_ext.methods.rl3dedit.config import rl3dedit_trainer_config
+    from gsstudio_ext.methods.rl3dedit.model import RL3DEditModelConfig
+    from gsstudio_ext.models.image_text import TinyImageTextConfig
+
+    out = tmp_path_factory.mktemp("rl3dedit_run")
+    scene = read_ply(romap_scene / "gaussians.ply")
+    (obj,) = json.loads((romap_scene / "sidecars" / "scene.json").read_text())["objects"]
+    write_ply(out / "mushroom.ply", scene.subset((scene.means - torch.tensor(obj["center"])).norm(dim=-1) < 0.06))
+    model = RL3DEditModelConfig(scene=out / "mushroom.ply", instruction="blue")
+    model.edit.editor = "procedural"
+    refit = model.edit.refit
+    refit.feature_lr, refit.feature_rest_lr = 2.5e-2, 2.5e-2 / 20
+    refit.densify_from, refit.densify_every = 100, 100
+    config = rl3dedit_trainer_config(model)
+    config.pipeline.datamanager.dataparser = world_frame_parser()
+    config.pipeline.edit_eval.clip = TinyImageTextConfig()
+    steps = RL3DEDIT_REFIT_STEPS
+    config = prepare_config(config, romap_scene, out, steps, "cpu")
     return train(config)

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Literal, Tuple
 
-import torch
 import tyro
 from rich.console import Console
 from rich.progress import Progress
 
-from gsstudio_ext.core.atomic import atomic_write
 from gsstudio_ext.eval.part_editing import write_edit_report
 
 CONSOLE = Console()
@@ -56,7 +54,7 @@ class RoMaPEditCommand:
 
 
 def run(cmd: RoMaPEditCommand) -> Dict[str, float]:
-    from gsstudio_ext.methods.base.training import load_run
+    from gsstudio_ext.methods.base.training import load_run, save_run_checkpoint
     from gsstudio_ext.methods.romap.edit_eval import evaluate_edit
     from gsstudio_ext.models.image_text import TinyImageTextConfig
 
@@ -89,17 +87,6 @@ def run(cmd: RoMaPEditCommand) -> Dict[str, float]:
     CONSOLE.print(f"edited scene: {out / 'edited.ply'} ({count} Gaussians); report: {out}")
     CONSOLE.print(", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
     return result.metrics
-
-
-def save_run_checkpoint(pipeline, checkpoint_dir: Path) -> Path:
-    """Write the pipeline as the run's newest ``step-*.ckpt`` (one step after the latest), atomically."""
-    checkpoint_dir = Path(checkpoint_dir)
-    steps = [int(p.stem.split("-")[1]) for p in checkpoint_dir.glob("step-*.ckpt")]
-    step = max(steps, default=0) + 1
-    path = checkpoint_dir / f"step-{step:09d}.ckpt"
-    state = {"step": step, "pipeline": pipeline.state_dict(), "optimizers": {}, "schedulers": {}, "scalers": {}}
-    atomic_write(path, lambda handle: torch.save(state, handle))
-    return path
 
 
 def entrypoint() -> None:

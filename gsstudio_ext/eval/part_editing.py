@@ -151,12 +151,14 @@ def write_edit_report(
     provider_name: str,
     prompt: str,
     max_views: int = 8,
+    mask_name: str = "part mask",
+    title: str = "Part edit report",
 ) -> Path:
     """Write ``edit_report.json``, ``edit_report.md`` and ``edit_grid.png`` to ``out_dir`` (each atomically).
 
     JSON keys: prompt, provider (which 2D editor made the targets), metrics (name -> value, NaN as null), num_views,
-    grid (file name), grid_columns. before/after: Float[B, 3, H, W] renders at the same poses; masks2d: Bool[B, H, W].
-    Returns the JSON path."""
+    grid (file name), grid_columns. before/after: Float[B, 3, H, W] renders at the same poses; masks2d: Bool[B, H, W],
+    shown in the third column as ``mask_name``. Returns the JSON path."""
     from PIL import Image
 
     before, after = _images(before, "before"), _images(after, "after")
@@ -168,16 +170,17 @@ def write_edit_report(
     grid = Image.fromarray(edit_grid(before, after, masks2d, max_views))
     atomic_write(out_dir / REPORT_GRID, lambda handle: grid.save(handle, format="PNG"))
     values = {str(k): _json_number(v) for k, v in metrics.items()}
+    columns = [GRID_COLUMNS[0], GRID_COLUMNS[1], mask_name, GRID_COLUMNS[3]]
     report = {
         "prompt": prompt,
         "provider": provider_name,
         "metrics": values,
         "num_views": int(before.shape[0]),
         "grid": REPORT_GRID,
-        "grid_columns": list(GRID_COLUMNS),
+        "grid_columns": columns,
     }
     lines = [
-        "# Part edit report",
+        f"# {title}",
         "",
         f"- prompt: `{prompt}`",
         f"- 2D edit provider: `{provider_name}`",
@@ -187,7 +190,7 @@ def write_edit_report(
         "|---|---|",
         *[f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |" for k, v in values.items()],
         "",
-        f"Columns: {', '.join(GRID_COLUMNS)}.",
+        f"Columns: {', '.join(columns)}.",
         "",
         f"![before / after]({REPORT_GRID})",
         "",

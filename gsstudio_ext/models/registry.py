@@ -6,8 +6,11 @@ from typing import Any, Callable, Dict
 
 from gsstudio_ext.models.box_masks import BoxSegmenterConfig, SamBoxConfig, TinySamBoxConfig
 from gsstudio_ext.models.detection import DetectorConfig, GroundingDinoConfig, TinyGroundingDinoConfig
+from gsstudio_ext.models.flux_kontext import FluxKontextConfig, KontextEditorConfig
+from gsstudio_ext.models.flux_tiny import TinyFluxKontextConfig
 from gsstudio_ext.models.image_text import ImageTextEncoderConfig, OpenCLIPImageTextConfig, TinyImageTextConfig
 from gsstudio_ext.models.masks import MaskGeneratorConfig, SamAutomaticConfig, TinySamConfig
+from gsstudio_ext.models.perceptual import LpipsVggConfig, PerceptualConfig, TinyPerceptualConfig
 from gsstudio_ext.models.text import (
     BertTextConfig,
     MiniLMTextConfig,
@@ -47,6 +50,14 @@ BOX_SEGMENTERS: Dict[str, Callable[[], BoxSegmenterConfig]] = {
     "sam": SamBoxConfig,
     "tiny": TinySamBoxConfig,
 }
+KONTEXT_EDITORS: Dict[str, Callable[[], KontextEditorConfig]] = {
+    "flux-kontext": FluxKontextConfig,
+    "tiny": TinyFluxKontextConfig,
+}
+PERCEPTUAL_DISTANCES: Dict[str, Callable[[], PerceptualConfig]] = {
+    "lpips-vgg": LpipsVggConfig,
+    "tiny": TinyPerceptualConfig,
+}
 
 
 def _make(kind: str, table: Dict[str, Callable[[], Any]], name: str, overrides: Dict[str, Any]) -> Any:
@@ -83,3 +94,13 @@ def detector_config(name: str = "grounding-dino", **overrides: Any) -> DetectorC
 def box_segmenter_config(name: str = "sam", **overrides: Any) -> BoxSegmenterConfig:
     """Config of a box-prompted segmenter by name (sam, tiny), with field overrides."""
     return _make("box segmenter", BOX_SEGMENTERS, name, overrides)
+
+
+def kontext_editor_config(name: str = "flux-kontext", **overrides: Any) -> KontextEditorConfig:
+    """Config of a FLUX.1-Kontext editor by name (flux-kontext, tiny), with field overrides."""
+    return _make("Kontext editor", KONTEXT_EDITORS, name, overrides)
+
+
+def perceptual_config(name: str = "lpips-vgg", **overrides: Any) -> PerceptualConfig:
+    """Config of a perceptual distance by name (lpips-vgg, tiny), with field overrides."""
+    return _make("perceptual distance", PERCEPTUAL_DISTANCES, name, overrides)

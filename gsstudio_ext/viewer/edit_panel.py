@@ -1,5 +1,6 @@
-"""A viewer panel for part editing: part words + base prompt -> "Segment parts" -> parts in colour; part + edit
-prompt -> "Run edit" with progress -> before/after toggle -> undo; export the edited scene as .ply.
+"""A viewer panel for scene and part editing: (part words + base prompt -> "Segment parts" -> parts in colour;
+part +) edit prompt -> "Run edit" with progress -> before/after toggle -> undo; export the edited scene as .ply.
+The part controls show only for methods that segment parts (their actions have ``segment``).
 
 Segmenting and editing take seconds to minutes, so they run in one background worker thread; the viewer stays live
 and a status line plus a progress bar follow the work. Each finished job sets the status, which re-renders the view
@@ -32,19 +33,20 @@ NO_PART = "(segment first)"
 class EditActions:
     """What a method does for the panel. ``segment`` and ``edit`` run in the worker thread; the others are short."""
 
-    segment: Callable[[Sequence[str], str, Progress], Sequence[str]]
-    """(parts, base prompt, progress) -> the part names to offer for editing."""
     edit: Callable[[str, str, Progress], str]
-    """(part, prompt, progress) -> the name of the 2D edit provider that made the targets."""
+    """(part, prompt, progress) -> the name of the 2D edit provider that made the targets (part is "" without
+    ``segment``)."""
     undo: Callable[[], bool]
     """Drop the last edit; False when there is none."""
     set_show_edit: Callable[[bool], Any]
     """True: the main view shows the edited scene (after), False the original (before)."""
-    set_colour_parts: Callable[[bool], Any]
-    """True: the main view shows the part colours over the render."""
     export: Callable[[Path], int]
     """Write the (edited) scene as .ply; returns the Gaussian count."""
-    part_names: Callable[[], Sequence[str]]
+    segment: Optional[Callable[[Sequence[str], str, Progress], Sequence[str]]] = None
+    """(parts, base prompt, progress) -> the part names to offer for editing; None: a method without parts."""
+    set_colour_parts: Optional[Callable[[bool], Any]] = None
+    """True: the main view shows the part colours over the render."""
+    part_names: Optional[Callable[[], Sequence[str]]] = None
     """Parts of the current label field (empty before segmenting)."""
 
 
@@ -58,6 +60,7 @@ class EditPanel(FolderPanel):
         base_prompt: str = "",
         export_path: str = "exports/edited.ply",
         name: str = "Part editing",
+        prompt_hint: str = 'e.g. "gold" or "red striped"',
     ) -> None:
         super().__init__(name, cb_hook=self._on_event)
         self.actions = actions
@@ -74,18 +77,23 @@ class EditPanel(FolderPanel):
                 self._handlers[id(element)] = handler
             return element
 
-        self.parts = add(
-            ViewerText("Parts", ", ".join(parts), cb_hook=route, hint="Smaller parts first; '+' joins words")
-        )
-        self.base_prompt = add(ViewerText("Base prompt", base_prompt, cb_hook=route, hint="Describes the object"))
-        self.segment_button = add(ViewerButton("Segment parts", cb_hook=route), self.start_segment)
-        self.colour_parts = add(
-            ViewerCheckbox("Colour parts", False, cb_hook=route, hint="Show part colours over the render"),
-            lambda: self.actions.set_colour_parts(bool(self.colour_parts.value)),
-        )
-        names = list(actions.part_names()) or [NO_PART]
-        self.part = add(ViewerDropdown("Edit part", names[0], names, cb_hook=route, hint="Part to edit"))
-        self.prompt = add(ViewerText("Edit prompt", "", cb_hook=route, hint='e.g. "gold" or "red striped"'))
+        self.parts: Optional[ViewerText] = None
+        self.base_prompt: Optional[ViewerText] = None
+        self.colour_parts: Optional[ViewerCheckbox] = None
+        self.part: Optional[ViewerDropdown] = None
+        if actions.segment is not None:
+            self.parts = add(
+                ViewerText("Parts", ", ".join(parts), cb_hook=route, hint="Smaller parts first; '+' joins words")
+            )
+            self.base_prompt = add(ViewerText("Base prompt", base_prompt, cb_hook=route, hint="Describes the object"))
+            add(ViewerButton("Segment parts", cb_hook=route), self.start_segment)
+            self.colour_parts = add(
+                ViewerCheckbox("Colour parts", False, cb_hook=route, hint="Show part colours over the render"),
+                self._colour_parts_changed,
+            )
+            names = list(actions.part_names() if actions.part_names is not None else ()) or [NO_PART]
+            self.part = add(ViewerDropdown("Edit part", names[0], names, cb_hook=route, hint="Part to edit"))
+        self.prompt = add(ViewerText("Edit prompt", "", cb_hook=route, hint=prompt_hint))
         self.edit_button = add(ViewerButton("Run edit", cb_hook=route), self.start_edit)
         self.show_edit = add(
             ViewerCheckbox("Show edit (after)", True, cb_hook=route, hint="Toggle before / after"),
@@ -109,6 +117,10 @@ class EditPanel(FolderPanel):
             self._progress_bar.remove()
             self._progress_bar = None
         super().remove()
+
+    def _colour_parts_changed(self) -> None:
+        if self.actions.set_colour_parts is not None and self.colour_parts is not None:
+            self.actions.set_colour_parts(bool(self.colour_parts.value))
 
     def _on_event(self, source: Any) -> None:
         handler = self._handlers.get(id(source))
@@ -160,30 +172,35 @@ class EditPanel(FolderPanel):
             self._worker.join(timeout)
 
     def start_segment(self) -> None:
+        segment = self.actions.segment
+        if segment is None or self.parts is None or self.base_prompt is None or self.colour_parts is None:
+            return
         parts = [p.strip() for p in str(self.parts.value).split(",") if p.strip()]
+        base_prompt, colour_parts = str(self.base_prompt.value), self.colour_parts
 
         def job() -> str:
-            names = list(self.actions.segment(parts, str(self.base_prompt.value), self._progress("segmenting")))
+            names = list(segment(parts, base_prompt, self._progress("segmenting")))
             self._set_part_options(names)
-            self.actions.set_colour_parts(True)
-            if self.colour_parts.gui_handle is not None:
-                self.colour_parts.value = True
+            if self.actions.set_colour_parts is not None:
+                self.actions.set_colour_parts(True)
+            if colour_parts.gui_handle is not None:
+                colour_parts.value = True
             return f"segmented: {', '.join(names)}"
 
         self._run("segmenting", job)
 
     def start_edit(self) -> None:
-        part, prompt = str(self.part.value), str(self.prompt.value).strip()
+        part, prompt = ("" if self.part is None else str(self.part.value)), str(self.prompt.value).strip()
         if part == NO_PART or not prompt:
-            self._set_status("segment the parts and type an edit prompt first")
+            self._set_status("segment the parts and type an edit prompt first" if part else "type an edit prompt first")
             return
 
         def job() -> str:
-            provider = self.actions.edit(part, prompt, self._progress(f"editing {part}"))
+            provider = self.actions.edit(part, prompt, self._progress(f"editing {part}".strip()))
             self.actions.set_show_edit(True)
             if self.show_edit.gui_handle is not None:
                 self.show_edit.value = True
-            return f"edited {part}: {prompt} ({provider})"
+            return f"edited {part}: {prompt} ({provider})" if part else f"edited: {prompt} ({provider})"
 
         self._run("editing", job)
 
@@ -202,6 +219,8 @@ class EditPanel(FolderPanel):
         self._set_status(f"exported {count} Gaussians to {path}")
 
     def _set_part_options(self, names: List[str]) -> None:
+        if self.part is None:
+            return
         names = names or [NO_PART]
         if self.part.gui_handle is not None:
             self.part.set_options(names)

@@ -5,14 +5,17 @@ loaded as splatfacto parameters; a missing scene is remembered as a reason inste
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from gsstudio_ext.core.checkpoint import load_scene
 from gsstudio_ext.core.scene import GaussianScene
-from gsstudio_ext.core.sh import SH2RGB
+from gsstudio_ext.core.sh import RGB2SH, SH2RGB
+
+GEOMETRY_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+"""The splatfacto ``gauss_params`` of a scene's Gaussians (what a method on a trained scene keeps frozen)."""
 
 
 def load_trained_scene(path: Optional[Path]) -> Tuple[Optional[GaussianScene], Optional[str]]:
@@ -36,3 +39,13 @@ def scene_params(scene: Optional[GaussianScene], sh_degree: int) -> Dict[str, Te
     else:
         params = scene.to_splatfacto_params(include_extras=False)
     return {key: value.float() for key, value in params.items()}
+
+
+def scene_of_params(params: Mapping[str, Tensor]) -> GaussianScene:
+    """The scene of splatfacto parameters in the SH colour convention that ``render_scene`` and .ply files use:
+    degree-0 parameters hold logit colours (splatfacto's convention, see :func:`load_trained_scene`) and are
+    converted back."""
+    scene = GaussianScene.from_splatfacto_params({key: params[key] for key in GEOMETRY_KEYS})
+    if scene.sh_rest.shape[1] == 0:
+        scene.sh_dc = RGB2SH(torch.sigmoid(scene.sh_dc))
+    return scene

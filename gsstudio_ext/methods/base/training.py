@@ -11,6 +11,8 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import Model
 from nerfstudio.pipelines.base_pipeline import Pipeline
 
+from gsstudio_ext.core.atomic import atomic_write
+
 
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
@@ -66,3 +68,14 @@ def load_run(config_path: Path, test_mode: str = "test") -> Tuple[TrainerConfig,
         raise FileNotFoundError(f"no run config at {config_path}: pass the config.yml written by ns-train")
     config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode)  # type: ignore[arg-type]
     return config, pipeline
+
+
+def save_run_checkpoint(pipeline, checkpoint_dir: Path) -> Path:
+    """Write the pipeline as the run's newest ``step-*.ckpt`` (one step after the latest), atomically."""
+    checkpoint_dir = Path(checkpoint_dir)
+    steps = [int(p.stem.split("-")[1]) for p in checkpoint_dir.glob("step-*.ckpt")]
+    step = max(steps, default=0) + 1
+    path = checkpoint_dir / f"step-{step:09d}.ckpt"
+    state = {"step": step, "pipeline": pipeline.state_dict(), "optimizers": {}, "schedulers": {}, "scalers": {}}
+    atomic_write(path, lambda handle: torch.save(state, handle))
+    return path

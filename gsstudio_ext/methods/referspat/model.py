@@ -32,7 +32,7 @@ from gsstudio_ext.methods.base.frozen_strategy import FrozenStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
 from gsstudio_ext.methods.base.queries import QueryConfig, QueryState
 from gsstudio_ext.methods.base.scene_export import export_selection
-from gsstudio_ext.methods.base.trained_scene import load_trained_scene, scene_params
+from gsstudio_ext.methods.base.trained_scene import GEOMETRY_KEYS, load_trained_scene, scene_params
 from gsstudio_ext.methods.referspat.attention import PCMI, GaussianTerms, PCMIConfig, PCMIOutput
 from gsstudio_ext.methods.referspat.losses import gtcl_loss, rho_at, sentence_embeddings
 from gsstudio_ext.models.text import BertTextConfig, MiniLMTextConfig, TextEncoder, TinyTextConfig
@@ -45,8 +45,6 @@ WordEncoderConfig = Union[
     Annotated[TinyTextConfig, tyro.conf.subcommand("tiny")],
 ]
 """Text encoders that give per-word embeddings, as ``--pipeline.model.text-encoder:{minilm,bert,tiny}``."""
-
-GEOMETRY_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 
 
 class Words(NamedTuple):

@@ -27,14 +27,13 @@ from gsstudio_ext.core.scene import GaussianScene
 from gsstudio_ext.core.scene_render import render_scene
 from gsstudio_ext.methods.base.frozen_strategy import FrozenStrategy
 from gsstudio_ext.methods.base.model import FeatureSplatfactoModel, FeatureSplatfactoModelConfig, View
-from gsstudio_ext.methods.base.trained_scene import load_trained_scene, scene_params
+from gsstudio_ext.methods.base.trained_scene import GEOMETRY_KEYS, load_trained_scene, scene_of_params, scene_params
 from gsstudio_ext.methods.romap.galp import NeighbourTerm, OutlierViews, seg_loss
 from gsstudio_ext.methods.romap.labels import assign_parts_3d, init_label_sh, label_colors, part_prototypes
 from gsstudio_ext.methods.romap.local_edit import EditViews
 from gsstudio_ext.methods.romap.part_editor import EditRecord, PartEditor, PartEditorConfig
 from gsstudio_ext.viewer.edit_panel import EditActions, EditPanel
 
-GEOMETRY_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 LABEL_KEYS = ("part_labels_dc", "part_labels_rest")
 EDIT_KEYS = (*GEOMETRY_KEYS, "part_labels")
 """Suffixes of the ``edited_*`` buffers: the edited scene and its label field."""
@@ -127,7 +126,7 @@ class RoMaPModel(FeatureSplatfactoModel):
         return torch.cat([self.gauss_params[k] for k in LABEL_KEYS], dim=1)
 
     def original_scene(self) -> GaussianScene:
-        return GaussianScene.from_splatfacto_params({k: self.gauss_params[k] for k in GEOMETRY_KEYS})
+        return scene_of_params(self.gauss_params)
 
     def edited_scene(self) -> Optional[GaussianScene]:
         """The edited scene (None without an edit)."""
