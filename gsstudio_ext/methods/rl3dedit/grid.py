@@ -159,7 +159,7 @@ class GridEdit:
     """Result of :func:`edit_views`."""
 
     views: Tensor
-    """Float[9, 3, h, w] edited views at the input view size."""
+    """Float[9, 3, h, w] edited views at the input view size (or the grid's cell size)."""
     grid: Tensor
     """Float[3, H, W] edited grid at the bucket resolution."""
     source_grid: Tensor
@@ -170,8 +170,11 @@ class GridEdit:
     """The sampling seed used."""
 
 
-def edit_views(editor: Any, views: Tensor, instruction: str, config: Optional[GridEditConfig] = None) -> GridEdit:
-    """Edit 9 views jointly: tile, resize to the editor's closest bucket, ``editor.edit``, split, resize back.
+def edit_views(
+    editor: Any, views: Tensor, instruction: str, config: Optional[GridEditConfig] = None, cell_size: bool = False
+) -> GridEdit:
+    """Edit 9 views jointly: tile, resize to the editor's closest bucket, ``editor.edit``, split, resize back (with
+    ``cell_size``: the cells as cut, at the grid's cell size).
 
     Args:
         editor: a :class:`~gsstudio_ext.models.flux_kontext.KontextEditor` (``buckets()`` and ``edit(...)``).
@@ -183,7 +186,8 @@ def edit_views(editor: Any, views: Tensor, instruction: str, config: Optional[Gr
     seed = edit_seed(prompt, config.base_seed)
     source, _ = views_to_grid(views, editor.buckets(), config.resample)
     grid = editor.edit(source, prompt, steps=config.steps, guidance=config.guidance, seed=seed)
-    edited = grid_to_views(grid, tuple(views.shape[-2:]), config.resample, config.exact_cells).to(views.dtype)
+    size = (grid.shape[-2] // GRID_SIDE, grid.shape[-1] // GRID_SIDE) if cell_size else tuple(views.shape[-2:])
+    edited = grid_to_views(grid, size, config.resample, config.exact_cells).to(views.dtype)
     return GridEdit(views=edited, grid=grid, source_grid=source, prompt=prompt, seed=seed)
 
 

@@ -80,7 +80,10 @@ class RL3DEditModel(FeatureSplatfactoModel):
             self.register_buffer(f"edited_{key}", torch.zeros(0))
         self.register_buffer("edit_info", torch.zeros(0, dtype=torch.uint8))
         self.history: List[EditRecord] = []
-        self.edit_panel = EditPanel(self.edit_actions(), name="Scene editing", export_path="exports/rl3dedit.ply")
+        self.edit_panel = EditPanel(
+            self.edit_actions(), name="Scene editing", export_path="exports/rl3dedit.ply",
+            prompt_hint='The edit, e.g. "make it look like bronze" (procedural editor: colour words)',
+        )  # fmt: skip
 
     def init_gaussian_params(self, points: Tensor, colors: Optional[Tensor], generator: torch.Generator):
         params = scene_params(self._scene, self.config.sh_degree)

@@ -89,6 +89,11 @@ class SinglePassEdit:
             self._editor = self.config.view_editor(self.scene.device)
         return self._editor
 
+    def _synchronize(self) -> None:
+        """Wait for the GPU, so stage timings hold their own work."""
+        if self.scene.device.type == "cuda":
+            torch.cuda.synchronize(self.scene.device)
+
     def view_indices(self) -> Tensor:
         """Long[N] training views to edit, consecutive ones spatial neighbours (centred on the Gaussians' mean)."""
         centre = self.scene.means.detach().mean(dim=0)
@@ -107,6 +112,7 @@ class SinglePassEdit:
         )
         alphas = out.alpha[..., 0]
         depths = torch.where(alphas > 0, out.depth[..., 0], torch.zeros_like(alphas))
+        self._synchronize()
         self.timings["render"] = time.perf_counter() - start
         return SourceViews(out.rgb.permute(0, 3, 1, 2).contiguous(), alphas, depths, viewmats, Ks)
 
@@ -117,8 +123,7 @@ class SinglePassEdit:
         start = time.perf_counter()
         with torch.no_grad():
             edited = self.editor.edit(sources, instruction)
-        if self.scene.device.type == "cuda":
-            torch.cuda.synchronize(self.scene.device)
+        self._synchronize()
         self.timings["edit"] = time.perf_counter() - start
         return edited
 
@@ -142,7 +147,6 @@ class SinglePassEdit:
         edited = self.edit_views(sources, instruction)
         start = time.perf_counter()
         fitted = refit_scene(self.scene, sources.viewmats, edited.Ks, edited.images, self.refit_config(), progress)
-        if self.scene.device.type == "cuda":
-            torch.cuda.synchronize(self.scene.device)
+        self._synchronize()
         self.timings["refit"] = time.perf_counter() - start
         return SinglePassResult(fitted.scene, indices, sources, edited, fitted.losses, dict(self.timings))

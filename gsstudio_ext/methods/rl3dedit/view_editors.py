@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Tuple, Type
+from typing import NamedTuple, Optional, Type
 
 import torch
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
-from gsstudio_ext.methods.rl3dedit.grid import GRID_SIDE, GridEditConfig, edit_views, grid_to_views
+from gsstudio_ext.methods.rl3dedit.grid import GRID_SIDE, GridEditConfig, edit_views
 from gsstudio_ext.methods.rl3dedit.views import scale_intrinsics
 from gsstudio_ext.methods.romap.edit_targets import ProceduralEdit, ProceduralEditConfig, unproject_depth
 from gsstudio_ext.models.flux_kontext import FluxKontextConfig, KontextEditor, KontextEditorConfig
@@ -99,14 +99,11 @@ class KontextGridEditor(ViewEditor):
         count = views.images.shape[0]
         if count != GRID_SIDE * GRID_SIDE:
             raise ValueError(f"the Kontext grid edits {GRID_SIDE * GRID_SIDE} views at once, got {count}")
-        result = edit_views(self.kontext, views.images.to(self.device), instruction, self.config.grid)
+        cell_size = self.config.cell_size
+        result = edit_views(self.kontext, views.images.to(self.device), instruction, self.config.grid, cell_size)
         height, width = views.images.shape[-2:]
-        if not self.config.cell_size:
-            return EditedViews(result.views, views.Ks, result.prompt, result.grid, result.source_grid)
-        cell: Tuple[int, int] = (result.grid.shape[-2] // GRID_SIDE, result.grid.shape[-1] // GRID_SIDE)
-        cells = grid_to_views(result.grid, cell, self.config.grid.resample, self.config.grid.exact_cells)
-        Ks = scale_intrinsics(views.Ks, (width, height), (cell[1], cell[0]))
-        return EditedViews(cells, Ks, result.prompt, result.grid, result.source_grid)
+        Ks = scale_intrinsics(views.Ks, (width, height), (result.views.shape[-1], result.views.shape[-2]))
+        return EditedViews(result.views, Ks, result.prompt, result.grid, result.source_grid)
 
 
 # ---------------------------------------------------------------------------------------------------------- offline
