@@ -1,14 +1,12 @@
-"""The edit panels in a real headless Chromium against nerfstudio's viser viewer. romap-ext's Part editing: the panel
+"""The Part editing panel of romap-ext in a real headless Chromium against nerfstudio's viser viewer: the panel
 shows; the before/after toggle switches between the original and the edited scene; "Segment parts" fits the labels
 and colours the parts; a typed edit prompt with "Run edit" repaints a part; "Undo edit" restores it; "Export .ply"
-writes the scene. rl3dedit-ext's Scene editing: the same without part controls, a typed instruction edits the whole
-scene in one pass."""
+writes the scene."""
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,56 +95,3 @@ def test_segment_edit_toggle_undo_export(romap_page, romap_viewer, shots, tmp_pa
     vp.control(page, "Export path").press("Enter")
     vp.act(page, run, _click(page, "Export .ply"), lambda: vp.status(page).startswith("exported"), "the export")
     assert target.is_file() and target.stat().st_size > 1000
-
-
-# ---------------------------------------------------------------------------------------------------------- rl3dedit
-
-
-@pytest.fixture(scope="module")
-def rl3dedit_viewer(rl3dedit_run):
-    model = rl3dedit_run[0].pipeline.model
-    saved = (copy.deepcopy(model.state_dict()), model.config.show_edit, list(model.history), model.config.edit.refit)
-    model.config.edit.refit = replace(model.config.edit.refit, steps=30)  # a short refit: the test is the panel
-    try:
-        with open_viewer(*rl3dedit_run) as run:
-            yield run
-    finally:
-        state, model.config.show_edit, model.history, model.config.edit.refit = saved
-        model.load_state_dict(state)
-
-
-def test_scene_edit_panel_toggle_edit_undo_export(rl3dedit_viewer, shots, tmp_path: Path) -> None:
-    """rl3dedit-ext's Scene editing panel: no part controls; before/after; a typed instruction edits the whole
-    scene in one pass (procedural editor, short refit); undo; export."""
-    run = rl3dedit_viewer
-    model = run.model
-    with open_page(run, ready_label="Edit prompt") as page:
-        page.get_by_text("Scene editing", exact=True).scroll_into_view_if_needed()
-        for label in ("Edit prompt", "Show edit (after)", "Export path", "Status"):
-            assert page.locator(f"label:text-is('{label}')").is_visible(), label
-        for label in ("Parts", "Edit part"):
-            assert page.locator(f"label:text-is('{label}')").count() == 0, label
-        after = vp.settle(page, run)
-        shots(page, "41_scene_edit_after")
-        before = vp.act(page, run, vp.toggle(page, "Show edit (after)"), lambda: not model.config.show_edit, "before")
-        shots(page, "42_scene_edit_before")
-        assert vp.changed(before, after).mean() > 0.05  # the blue mushroom is its own colour again
-        plain = vp.act(page, run, vp.toggle(page, "Show edit (after)"), lambda: model.config.show_edit, "after")
-
-        vp.control(page, "Edit prompt").fill("red")
-        vp.control(page, "Edit prompt").press("Enter")
-        edited = _run_job(page, run, "Run edit", "edited: red")
-        shots(page, "43_scene_edit_red")
-        assert "procedural" in vp.status(page)
-        assert [r["instruction"] for r in model.edit_records()][-1] == "red"
-        repainted = vp.changed(edited, plain).mean()
-        assert repainted > 0.05, repainted
-
-        undone = vp.act(page, run, _click(page, "Undo edit"), lambda: vp.status(page) == "undone", "undo")
-        assert vp.changed(undone, plain).mean() < repainted / 4
-
-        target = tmp_path / "rl3dedit.ply"
-        vp.control(page, "Export path").fill(str(target))
-        vp.control(page, "Export path").press("Enter")
-        vp.act(page, run, _click(page, "Export .ply"), lambda: vp.status(page).startswith("exported"), "the export")
-        assert target.is_file() and target.stat().st_size > 1000
