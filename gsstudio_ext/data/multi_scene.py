@@ -30,6 +30,7 @@ from torch import Tensor
 from gsstudio_ext.core.metrics import resize_nearest
 from gsstudio_ext.data import layout
 from gsstudio_ext.data.sidecars import read_scene_meta, read_semantics
+from gsstudio_ext.data.transforms_cameras import read_run_frame, run_pose_transform
 
 SCENES_FILE = "scenes.json"
 DEFAULT_GAUSSIANS = "gaussians.ply"
@@ -106,28 +107,15 @@ def read_scene_list(data: Path) -> Tuple[List[SceneEntry], List[str]]:
     return entries, list(classes)
 
 
-def _run_frame(gaussians: Path) -> Optional[Tuple[Tensor, float]]:
-    """(transform [3, 4], scale) of the nerfstudio run holding ``gaussians``, or None for a .ply."""
-    if gaussians.suffix == ".ply":
-        return None
-    folder = gaussians if gaussians.is_dir() else gaussians.parent
-    for candidate in (folder, folder.parent):
-        path = candidate / "dataparser_transforms.json"
-        if path.is_file():
-            meta = json.loads(path.read_text())
-            return torch.tensor(meta["transform"], dtype=torch.float32), float(meta["scale"])
-    return None
-
-
-def to_run_frame(cameras: Cameras, frame: Optional[Tuple[Tensor, float]]) -> Cameras:
-    """Apply a nerfstudio dataparser transform (as nerfstudio does to poses) to world-frame cameras."""
+def to_run_frame(cameras: Cameras, frame: Optional[Tuple[Tensor, float]], transforms: Optional[Path] = None) -> Cameras:
+    """Move world-frame cameras into a nerfstudio run's frame (:func:`read_run_frame`), as nerfstudio's dataparser
+    moves poses; with the dataset's ``transforms`` (file or folder) its ``applied_transform`` is undone first."""
     if frame is None:
         return cameras
-    transform, scale = frame
+    to_run, scale = run_pose_transform(frame, transforms)
     c2w = cameras.camera_to_worlds
-    moved = transform[:, :3] @ c2w
-    moved[..., 3] = moved[..., 3] + transform[:, 3]
-    moved[..., 3] = moved[..., 3] * scale
+    moved = to_run[:3, :3] @ c2w
+    moved[..., 3] = (moved[..., 3] + to_run[:3, 3]) * scale
     return replace_cameras(cameras, moved)
 
 
@@ -152,7 +140,7 @@ def scene_dataparser_outputs(
     optionally downscaled by an integer factor."""
     parser = replace(parser or world_frame_parser(), data=entry.root)
     outputs = parser.setup().get_dataparser_outputs(split=split)
-    cameras = to_run_frame(outputs.cameras, _run_frame(entry.gaussians))
+    cameras = to_run_frame(outputs.cameras, read_run_frame(entry.gaussians), entry.root)
     if downscale > 1:
         cameras.rescale_output_resolution(1.0 / downscale)
     return replace(outputs, cameras=cameras)

@@ -192,19 +192,27 @@ def applied_transform(transforms: Union[str, Path]) -> Tuple[Tensor, float]:
     return out, float(meta.get("applied_scale", 1.0))
 
 
+def run_pose_transform(
+    frame: Tuple[Tensor, float], transforms: Optional[Union[str, Path]] = None
+) -> Tuple[Tensor, float]:
+    """(Float[4, 4] M, s): a camera-to-world pose P of ``transforms`` (saved coordinates) is ``M @ P`` in the frame
+    :func:`read_run_frame` describes, its translation then times s (nerfstudio scales poses before it folds
+    ``applied_scale`` into the saved scale). Without ``transforms`` no ``applied_transform`` is undone."""
+    transform, scale = frame
+    applied, applied_scale = applied_transform(transforms) if transforms is not None else (torch.eye(4), 1.0)
+    dataparser = torch.eye(4)
+    dataparser[:3] = transform
+    return dataparser @ torch.linalg.inv(applied), scale / applied_scale
+
+
 def to_run_frame(cameras: DatasetCameras, frame: Optional[Tuple[Tensor, float]]) -> DatasetCameras:
     """Move ``cameras`` (transforms.json coordinates) into a nerfstudio run's frame (:func:`read_run_frame`); a no-op
     for ``frame=None``. Intrinsics are unchanged."""
     if frame is None:
         return cameras
-    transform, scale = frame
-    applied, applied_scale = applied_transform(cameras.source)
-    dataparser = torch.eye(4)
-    dataparser[:3] = transform
-    to_run = dataparser @ torch.linalg.inv(applied)  # saved coordinates -> run coordinates, before scaling
-    c2w = cameras.c2w
-    moved = to_run[None] @ c2w
-    moved[:, :3, 3] *= scale / applied_scale  # nerfstudio scales poses before folding applied_scale into the scale
+    to_run, scale = run_pose_transform(frame, cameras.source)
+    moved = to_run[None] @ cameras.c2w
+    moved[:, :3, 3] *= scale
     return DatasetCameras(
         viewmat_from_c2w(moved), cameras.Ks.clone(), list(cameras.sizes), list(cameras.file_paths), cameras.source
     )
