@@ -44,9 +44,8 @@ class RL3DEditPipeline(VanillaPipeline):
 
     def __init__(self, config: RL3DEditPipelineConfig, device, *args, **kwargs) -> None:
         super().__init__(config, device, *args, **kwargs)
-        views = views_of(self.datamanager.train_dataset.cameras)
-        self.model.train_views = EditViews(views.viewmats.to(self.model.device), views.Ks.to(self.model.device),
-                                           views.width, views.height)  # fmt: skip
+        views, device = views_of(self.datamanager.train_dataset.cameras), self.model.device
+        self.model.train_views = EditViews(views.viewmats.to(device), views.Ks.to(device), views.width, views.height)
         self.refit_steps: Optional[int] = None
         self.running: Optional[_RunningEdit] = None
 
@@ -70,10 +69,7 @@ class RL3DEditPipeline(VanillaPipeline):
         """The loss of one refit step (the refit's own Adam applies it after nerfstudio's backward pass)."""
         if self.running is None:
             self.running = self.start_edit()
-        refit = self.running.refit
-        if refit.done:
-            raise RuntimeError(f"the refit has run its {refit.config.steps} steps")
-        self.running.loss = refit.loss()
+        self.running.loss = self.running.refit.loss()
         return {}, {"refit": self.running.loss}, {}
 
     def get_training_callbacks(
