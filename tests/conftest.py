@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, List
 
@@ -13,6 +16,42 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist: share the cores between the workers
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and with the processes the tests start
+    torch.set_num_threads(THREADS)
+
+RUN_GROUPS = {
+    "ag2_run": "ag2",
+    "refer_run": "ag2",
+    "rtgs2_run": "rtgs2",
+    "rtgs2_rgb_ablation": "rtgs2",
+    "romap_run": "romap",
+    "rl3dedit_run": "rl3dedit",
+}
+"""Session fixtures that train a run -> the xdist group that keeps all their tests on one worker (one training)."""
+FIRST_GROUP = "rtgs2"
+"""The longest group, scheduled first (scripts/test.sh passes --no-loadscope-reorder)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Group the tests for ``--dist loadgroup``: a module's tests stay together (module fixtures are built once), and
+    every test of a trained run joins that run's group with its whole module."""
+    module_groups: dict = {}
+    for item in items:
+        groups = module_groups.setdefault(item.nodeid.split("::")[0], set())
+        groups.update(RUN_GROUPS[name] for name in item.fixturenames if name in RUN_GROUPS)
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        own = {RUN_GROUPS[name] for name in item.fixturenames if name in RUN_GROUPS}
+        if len(own) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses runs of several xdist groups: {sorted(own)}")
+        shared = module_groups[module]
+        group = own.pop() if own else (next(iter(shared)) if len(shared) == 1 else module)
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != FIRST_GROUP)
 
 
 class NetworkBlocked(OSError):
@@ -114,7 +153,7 @@ def refer_run(ag2_run, tmp_path_factory: pytest.TempPathFactory):
 def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """26 generated 64x64 scenes sharing the class list (24 train, 2 unseen), each with gaussians.ply fused from its
     RGB-D train views; 24 views per scene, every 4th a test view. With 8 train scenes (about four random-coloured
-    instances per class) the unseen-scene mIoU varied from 0.45 to 0.54 between runs; 24 give 0.62."""
+    instances per class) the unseen-scene mIoU varied from 0.45 to 0.54 between runs; 24 give 0.64."""
     from gsstudio_ext.data.synthetic import SynthConfig, generate_scenes
 
     config = SynthConfig(seed=7, width=64, height=64, num_views=24, eval_every=4, fuse_gaussians=True)
@@ -123,37 +162,46 @@ def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-RTGS2_SSL_STEPS = 300
-RTGS2_FUSION_STEPS = 3600
+class BackgroundRun:
+    """A training script started in a process of its own; ``metrics()`` waits for it and reads its metrics.json."""
 
+    def __init__(self, script: Path, *args: Path) -> None:
+        self.out = args[-1]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "log.txt"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+        with self.log.open("w") as log:
+            command = [sys.executable, str(script), *map(str, args)]
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
-def _train_rtgs2(data: Path, out: Path, use_features: bool):
-    from rtgs2_tiny import tiny_model
+    def metrics(self) -> dict:
+        if self.process.wait() != 0:
+            raise RuntimeError(f"{self.process.args} failed:\n{self.log.read_text()[-4000:]}")
+        return json.loads((self.out / "metrics.json").read_text())
 
-    from gsstudio_ext.methods.base.training import prepare_config, train
-    from gsstudio_ext.methods.rtgs2.config import rtgs2_trainer_config
-
-    ssl_steps = RTGS2_SSL_STEPS if use_features else 0
-    model = tiny_model(use_features, ssl_steps=ssl_steps, batch_size=4)
-    config = rtgs2_trainer_config(model, max_steps=ssl_steps + RTGS2_FUSION_STEPS, fusion_lr=1e-3)
-    config.pipeline.augment.hue = 0.5  # gs-synth paints objects in random colours: hue says nothing of the class
-    config.logging.steps_per_log = 10
-    config = prepare_config(config, data, out, max_steps=ssl_steps + RTGS2_FUSION_STEPS, device="cpu")
-    return train(config)
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture(scope="session")
-def rtgs2_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
+def rtgs2_rgb_ablation(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRun]:
+    """The RGB-only ablation of ``rtgs2_run`` (the same network and Stage-B schedule, feature input zeroed), trained
+    in a background process started before ``rtgs2_run`` so the two trainings share the machine's cores."""
+    run = BackgroundRun(Path(__file__).parent / "rtgs2_tiny.py", rtgs2_scenes, tmp_path_factory.mktemp("rtgs2_rgb"))
+    yield run
+    run.stop()
+
+
+@pytest.fixture(scope="session")
+def rtgs2_run(rtgs2_scenes: Path, rtgs2_rgb_ablation: BackgroundRun, tmp_path_factory: pytest.TempPathFactory):
     """(trainer, config.yml) of rtgs2-ext trained on the train scenes of ``rtgs2_scenes``: Stage A then Stage B with
     the real EfficientNet-Lite0 RGB encoder and tiny backbone / feature branch. Tests that change the model's scene,
     class filter or colouring must restore them."""
-    return _train_rtgs2(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
+    from rtgs2_tiny import train_tiny
 
-
-@pytest.fixture(scope="session")
-def rtgs2_rgb_run(rtgs2_scenes: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The RGB-only ablation of ``rtgs2_run``: the same network and Stage-B schedule with the feature input zeroed."""
-    return _train_rtgs2(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2_rgb"), use_features=False)
+    return train_tiny(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ different views, and end every Stage-A and Stage-B backward with identical (aver
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def _worker(rank: int, world: int, data: str, store: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    index = json.loads((Path(data) / "scenes.json").read_text())
+    train = tuple(scene["name"] for scene in index["scenes"] if scene["split"] == "train")[:2]
     config = RTGS2PipelineConfig(
-        datamanager=MultiSceneDataManagerConfig(data=Path(data)), model=tiny_model(ssl_steps=1, batch_size=2)
+        datamanager=MultiSceneDataManagerConfig(data=Path(data), train_scenes=train),
+        model=tiny_model(ssl_steps=1, batch_size=2),
+        cache_renders=False,  # render only the sampled views
     )
     pipeline = config.setup(device="cpu", test_mode="val", world_size=world, local_rank=rank)
     results = {}
