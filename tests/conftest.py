@@ -35,8 +35,8 @@ FIRST_GROUP = "rtgs2"
 """The longest group, scheduled first (scripts/test.sh passes --no-loadscope-reorder)."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # runs before xdist's hook, which turns the marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> Iterator[None]:
     """Group the tests for ``--dist loadgroup``: a module's tests stay together (module fixtures are built once), and
     every test of a trained run joins that run's group with its whole module."""
     module_groups: dict = {}
@@ -52,6 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
         group = own.pop() if own else (next(iter(shared)) if len(shared) == 1 else module)
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != FIRST_GROUP)
+    return (yield)
 
 
 class NetworkBlocked(OSError):
