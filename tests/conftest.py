@@ -17,43 +17,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest-xdist: share the cores between the workers
-    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = str(THREADS)  # and with the processes the tests start
-    torch.set_num_threads(THREADS)
-
-RUN_GROUPS = {
-    "ag2_run": "ag2",
-    "refer_run": "ag2",
-    "rtgs2_run": "rtgs2",
-    "rtgs2_rgb_ablation": "rtgs2",
-    "romap_run": "romap",
-    "rl3dedit_run": "rl3dedit",
-}
-"""Session fixtures that train a run -> the xdist group that keeps all their tests on one worker (one training)."""
-FIRST_GROUP = "rtgs2"
-"""The longest group, scheduled first (scripts/test.sh passes --no-loadscope-reorder)."""
-
-
-@pytest.hookimpl(wrapper=True)  # runs before xdist's hook, which turns the marks into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> Iterator[None]:
-    """Group the tests for ``--dist loadgroup``: a module's tests stay together (module fixtures are built once), and
-    every test of a trained run joins that run's group with its whole module."""
-    module_groups: dict = {}
-    for item in items:
-        groups = module_groups.setdefault(item.nodeid.split("::")[0], set())
-        groups.update(RUN_GROUPS[name] for name in item.fixturenames if name in RUN_GROUPS)
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        own = {RUN_GROUPS[name] for name in item.fixturenames if name in RUN_GROUPS}
-        if len(own) > 1:
-            raise pytest.UsageError(f"{item.nodeid} uses runs of several xdist groups: {sorted(own)}")
-        shared = module_groups[module]
-        group = own.pop() if own else (next(iter(shared)) if len(shared) == 1 else module)
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != FIRST_GROUP)
-    return (yield)
-
 
 class NetworkBlocked(OSError):
     """Raised by the socket guard (an OSError, so libraries take their normal offline path)."""
