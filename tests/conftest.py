@@ -165,7 +165,12 @@ def rtgs2_run(rtgs2_scenes: Path, rtgs2_rgb_ablation: BackgroundRun, tmp_path_fa
     class filter or colouring must restore them."""
     from rtgs2_tiny import train_tiny
 
-    return train_tiny(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # with the ablation alongside, more threads oversubscribe the cores (5x slower steps)
+    try:
+        return train_tiny(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
