@@ -129,13 +129,12 @@ def rtgs2_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class BackgroundRun:
     """A training script started in a process of its own; ``metrics()`` waits for it and reads its metrics.json."""
 
-    def __init__(self, script: Path, *args: Path) -> None:
-        self.out = args[-1]
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = self.out / "log.txt"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    def __init__(self, script: Path, data: Path, out: Path) -> None:
+        self.out, self.log = out, out / "log.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with self.log.open("w") as log:
-            command = [sys.executable, str(script), *map(str, args)]
+            command = [sys.executable, str(script), str(data), str(out)]
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def metrics(self) -> dict:
@@ -166,7 +165,7 @@ def rtgs2_run(rtgs2_scenes: Path, rtgs2_rgb_ablation: BackgroundRun, tmp_path_fa
     from rtgs2_tiny import train_tiny
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # with the ablation alongside, more threads oversubscribe the cores (5x slower steps)
+    torch.set_num_threads(1)  # with the ablation alongside, more threads oversubscribe the cores (3x slower steps)
     try:
         return train_tiny(rtgs2_scenes, tmp_path_factory.mktemp("rtgs2"), use_features=True)
     finally:
